@@ -1,0 +1,1 @@
+"""Configurations (ml_collections); ``default.py`` is the embedded default job."""

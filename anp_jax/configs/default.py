@@ -1,0 +1,53 @@
+"""The embedded default: the small CNN on scikit-learn's digits, trained with ANP.
+
+Run it with ``anp-jax train --workdir=DIR``; change any field with
+``--config.FIELD=VALUE`` (for example ``--config.method=vanilla``).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.dataset = "digits"
+    config.data_dir = ""  # "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.download = False  # let TFDS download a data set that is not prepared
+    config.model = "digits_cnn"
+    config.method = "anp"  # "vanilla" or "anp"
+    config.seed = 0
+
+    config.num_epochs = 30
+    config.batch_size = 32  # global batch, split across devices and processes
+    config.optimizer = "sgd"
+    config.learning_rate = 0.05
+    config.lr_schedule = "cosine"  # "constant", "cosine" or "step"
+    config.lr_decay_epochs = 30  # "step": multiply by lr_decay_factor every this many epochs
+    config.lr_decay_factor = 0.1
+    config.momentum = 0.9
+    config.weight_decay = 5e-4
+
+    config.anp = ml_collections.ConfigDict()
+    config.anp.layers = "all"  # "all", "0,1", "input,conv1", "shallow N", "deep N"
+    config.anp.epsilon = 1.0
+    config.anp.alpha = 0.5
+    config.anp.k = 2
+    config.anp.norm = "l2"  # "l2" (official), "linf" or "sign"
+    config.anp.init = "none"  # "none" (official), "gaussian" or "uniform"
+    config.anp.reset_per_batch = True
+    # "constant"; "official" (the CIFAR-10 table stretched to num_epochs); "linear" or
+    # "cosine" (eps rises from 0 over warmup_epochs); "piecewise" (the lists below).
+    config.anp.schedule = "constant"
+    config.anp.warmup_epochs = 5.0
+    config.anp.boundaries = (10.0, 20.0)
+    config.anp.eps_values = (0.0, 1.0, 0.0)
+    config.anp.alpha_values = (0.0, 0.5, 0.0)
+    config.anp.k_values = (1, 2, 1)
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 512
+    config.eval.attacks = ("fgsm_linf_0.1", "fgsm_linf_0.2", "pgd10_linf_0.1", "pgd10_linf_0.2")
+    config.eval.corruptions = ("gaussian_noise_1", "gaussian_noise_3", "gaussian_noise_5")
+
+    config.num_devices = -1  # -1: all local devices
+    config.log_every_steps = 50
+    return config

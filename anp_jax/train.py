@@ -1,0 +1,228 @@
+"""The train state and the pure train steps (plain training and ANP).
+
+One step function serves plain training, ANP and the "replay" control:
+
+* it receives one mini-batch and the hyper-parameters of that mini-batch
+  (``eps``, ``alpha``, ``k``, ``lr``: traced scalars, so schedules never recompile);
+* it makes ``k`` parameter updates on the mini-batch (``lax.fori_loop``), as the
+  official ANP code does.  Each forward pass adds the current noise at the selected
+  perturbation points; the single backward pass returns the gradients of the parameters
+  *and* of the perturbations, which are ``dloss/dz`` at every selected point;
+* the noise transform (:mod:`anp_jax.noise`) turns those activation gradients into the
+  noise of the next forward pass.
+
+With no selected layers it is plain training (``k`` replays of each mini-batch when
+``k > 1``); with ``eps = 0`` it is the replay control.
+
+Under ``jax.pmap`` pass ``axis_name``: gradients and metrics are averaged across
+devices, the models' BatchNorm statistics are synchronised (they were built with the same
+``axis_name``) and each device keeps the noise registers of its own examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from anp_jax import noise as noise_lib
+from anp_jax.models import PERTURBATIONS
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]  # {"image": [B, H, W, C] float in [0, 1], "label": [B] int}
+
+
+@struct.dataclass
+class NoiseState:
+    """The noise of the next forward pass and the noise transform's state (registers)."""
+
+    injection: PyTree  # {point name: [B, ...]} in the activation dtype
+    transform: PyTree
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    ``step`` counts parameter updates (``k`` per mini-batch), ``batches`` counts
+    mini-batches (the position in the data).
+    """
+
+    step: jax.Array
+    batches: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: optax.OptState
+    noise: NoiseState
+    rng: jax.Array
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    noise_tx: noise_lib.NoiseTransform = struct.field(pytree_node=False)
+    layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    reset_noise: bool = struct.field(pytree_node=False, default=True)
+
+
+def create_train_state(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...],
+                       tx: optax.GradientTransformation,
+                       noise_tx: noise_lib.NoiseTransform | None = None,
+                       layers: tuple[str, ...] = (), reset_noise: bool = True) -> TrainState:
+    """Initialises a train state.
+
+    Args:
+      model: a model of :mod:`anp_jax.models`.
+      rng: PRNG key; split into parameter init, noise init and the training stream.
+      image_shape: ``[B, H, W, C]``, with ``B`` the batch per device: the noise registers
+        are shaped by it.
+      tx: the optimizer; build it with ``optax.inject_hyperparams`` so that the step can
+        set ``learning_rate`` (see :func:`make_optimizer`).
+      noise_tx: the noise transform (default :func:`anp_jax.noise.anp`).
+      layers: the perturbation points to perturb (names, in model order).
+      reset_noise: reset the registers at every mini-batch (the official rule).
+    """
+    noise_tx = noise_tx or noise_lib.anp()
+    init_rng, noise_rng, train_rng = jax.random.split(rng, 3)
+    variables = model.init({"params": init_rng, "dropout": init_rng},
+                           jnp.zeros(image_shape, jnp.float32), train=False)
+    perturbations = variables.get(PERTURBATIONS, {})
+    template = {name: jnp.zeros_like(perturbations[name]) for name in layers}
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        batches=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        noise=NoiseState(template, noise_tx.init(template, noise_rng)),
+        rng=train_rng,
+        apply_fn=model.apply,
+        tx=tx,
+        noise_tx=noise_tx,
+        layers=tuple(layers),
+        reset_noise=reset_noise,
+    )
+
+
+def make_optimizer(name: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
+                   nesterov: bool = False) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay (the official setup), or Adam(W).
+
+    The learning rate is a hyper-parameter set by the train step at every mini-batch
+    (``hparams["lr"]``), so it follows a schedule of the epoch, whatever ``k`` is.
+    """
+    def sgd(learning_rate: float) -> optax.GradientTransformation:
+        return optax.chain(optax.add_decayed_weights(weight_decay),
+                           optax.sgd(learning_rate, momentum=momentum or None,
+                                     nesterov=nesterov))
+
+    def adam(learning_rate: float) -> optax.GradientTransformation:
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+    makers = {"sgd": sgd, "adam": adam}
+    if name not in makers:
+        raise ValueError(f"unknown optimizer {name!r}; choose from: {', '.join(makers)}")
+    return optax.inject_hyperparams(makers[name])(learning_rate=0.0)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over the batch."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _set_learning_rate(opt_state: optax.OptState, lr: jax.Array) -> optax.OptState:
+    hyper = dict(opt_state.hyperparams)
+    hyper["learning_rate"] = jnp.asarray(lr, jnp.asarray(hyper["learning_rate"]).dtype)
+    return opt_state._replace(hyperparams=hyper)
+
+
+def _loss_fn(params: PyTree, injection: PyTree, state: TrainState, batch: Batch,
+             rng: jax.Array) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+    variables = {"params": params, PERTURBATIONS: injection}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    logits, updates = state.apply_fn(variables, batch["image"], train=True,
+                                     mutable=["batch_stats"], rngs={"dropout": rng})
+    loss = cross_entropy(logits, batch["label"])
+    return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+
+def reset_noise(state: TrainState, hparams: Mapping[str, jax.Array],
+                axis_name: str | None = None) -> NoiseState:
+    """Fresh registers for a new mini-batch, and the noise of its first forward pass."""
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.batches), 1)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    zeros = jax.tree.map(jnp.zeros_like, state.noise.injection)
+    transform = state.noise_tx.init(zeros, rng)
+    injection, transform = state.noise_tx.update(zeros, transform, hparams)
+    return NoiseState(injection, transform)
+
+
+def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array],
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One mini-batch: ``hparams["k"]`` parameter updates with progressive noise.
+
+    Args:
+      state: the train state (per device under pmap).
+      batch: ``{"image": [B, H, W, C], "label": [B]}``.
+      hparams: scalars ``eps``, ``alpha``, ``k`` (int) and ``lr`` for this mini-batch.
+      axis_name: the pmap axis, or None on a single device without pmap.
+
+    Returns:
+      The new state and metrics averaged over the ``k`` updates (and devices): ``loss``
+      (mean cross-entropy under noise), ``accuracy`` and ``noise_norm`` (mean per-example
+      L2 norm of the last injected noise, summed over points).
+    """
+    hparams = {name: jnp.asarray(v) for name, v in hparams.items()}
+    noise_state = reset_noise(state, hparams, axis_name) if state.reset_noise else state.noise
+    grad_fn = jax.value_and_grad(_loss_fn, argnums=(0, 1), has_aux=True)
+
+    def body(i: jax.Array, carry: tuple) -> tuple:
+        st, noise, loss_sum, correct_sum = carry
+        rng = jax.random.fold_in(st.rng, st.step)
+        (loss, (logits, batch_stats)), (grads, noise_grads) = grad_fn(
+            st.params, noise.injection, st, batch, rng)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+        opt_state = _set_learning_rate(st.opt_state, hparams["lr"])
+        updates, opt_state = st.tx.update(grads, opt_state, st.params)
+        params = optax.apply_updates(st.params, updates)
+        injection, transform = st.noise_tx.update(noise_grads, noise.transform, hparams)
+        st = st.replace(step=st.step + 1, params=params, batch_stats=batch_stats,
+                        opt_state=opt_state)
+        correct = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return st, NoiseState(injection, transform), loss_sum + loss, correct_sum + correct
+
+    k = jnp.maximum(hparams["k"].astype(jnp.int32), 1)
+    zero = jnp.zeros((), jnp.float32)
+    state, noise_state, loss_sum, correct_sum = jax.lax.fori_loop(
+        0, k, body, (state, noise_state, zero, zero))
+    noise_norm = sum((jnp.mean(noise_lib.per_example_norm(v)) for v in
+                      jax.tree.leaves(noise_state.injection)), zero)
+    metrics = {"loss": loss_sum / k, "accuracy": correct_sum / k, "noise_norm": noise_norm}
+    if axis_name is not None:
+        metrics = jax.lax.pmean(metrics, axis_name)
+    state = state.replace(batches=state.batches + 1, noise=noise_state)
+    return state, metrics
+
+
+def predict(state: TrainState, images: jax.Array) -> jax.Array:
+    """Logits of the model without noise (evaluation mode)."""
+    return logits_fn(state.apply_fn, state.params, state.batch_stats)(images)
+
+
+def logits_fn(apply_fn: Callable, params: PyTree, batch_stats: PyTree
+              ) -> Callable[[jax.Array], jax.Array]:
+    """The evaluation-mode model as a function ``images -> logits`` (for attacks)."""
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+
+    def fn(images: jax.Array) -> jax.Array:
+        return apply_fn(variables, images, train=False)
+
+    return fn

@@ -1,0 +1,303 @@
+"""The training job: config in, trained model, checkpoints and ``metrics.json`` out.
+
+``train_and_evaluate(config, workdir)`` validates the config, reads the data set through
+TFDS, trains with :func:`anp_jax.train.train_step` under ``jax.pmap`` over the local
+devices (one device is fine), checkpoints with Orbax and resumes from the newest
+checkpoint in ``workdir``, then evaluates the noise-free model and writes
+``workdir/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import jax_utils
+
+from anp_jax import checkpoint as ckpt_lib
+from anp_jax import data as data_lib
+from anp_jax import evaluate as eval_lib
+from anp_jax import noise as noise_lib
+from anp_jax import schedules
+from anp_jax import train as train_lib
+from anp_jax.models import MODELS, create_model, select_layers
+
+METHODS = ("vanilla", "anp", "replay")
+ANP_SCHEDULES = ("constant", "official", "linear", "cosine", "piecewise")
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example, a non-finite loss)."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`ConfigError` naming the first bad field."""
+    def need(cond: bool, field: str, what: str) -> None:
+        if not cond:
+            value = config
+            for part in field.split("."):
+                value = value[part]
+            raise ConfigError(f"config.{field}={value!r}: {what}")
+
+    need(config.dataset in data_lib.DATASETS, "dataset",
+         f"unknown dataset; choose from {', '.join(data_lib.DATASETS)}")
+    need(config.model in MODELS, "model", f"unknown model; choose from {', '.join(MODELS)}")
+    need(config.method in METHODS, "method", f"choose from {', '.join(METHODS)}")
+    need(config.num_epochs > 0, "num_epochs", "must be > 0")
+    need(config.batch_size > 0, "batch_size", "must be > 0")
+    need(config.learning_rate > 0, "learning_rate", "must be > 0")
+    need(config.lr_schedule in LR_SCHEDULES, "lr_schedule",
+         f"choose from {', '.join(LR_SCHEDULES)}")
+    need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(config.anp.epsilon >= 0, "anp.epsilon", "must be >= 0")
+    need(config.anp.alpha >= 0, "anp.alpha", "must be >= 0")
+    need(int(config.anp.k) == config.anp.k and config.anp.k >= 1, "anp.k",
+         "must be an integer >= 1")
+    need(config.anp.norm in ("l2", "linf", "sign"), "anp.norm", "choose from l2, linf, sign")
+    need(config.anp.init in ("none", "gaussian", "uniform"), "anp.init",
+         "choose from none, gaussian, uniform")
+    need(config.anp.schedule in ANP_SCHEDULES, "anp.schedule",
+         f"choose from {', '.join(ANP_SCHEDULES)}")
+    if config.anp.schedule == "piecewise":
+        n = len(config.anp.boundaries) + 1
+        for field in ("eps_values", "alpha_values", "k_values"):
+            need(len(config.anp[field]) == n, f"anp.{field}",
+                 f"needs {n} values (one more than anp.boundaries)")
+        need(min(config.anp.eps_values) >= 0, "anp.eps_values", "must be >= 0")
+        need(min(config.anp.k_values) >= 1, "anp.k_values", "must be >= 1")
+    need(config.anp.warmup_epochs > 0, "anp.warmup_epochs", "must be > 0")
+    need(config.num_devices == -1 or config.num_devices >= 1, "num_devices",
+         "must be -1 (all) or >= 1")
+    need(config.num_devices <= jax.local_device_count(), "num_devices",
+         f"only {jax.local_device_count()} local devices")
+    need(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    try:
+        points = create_model(config.model).perturbation_points()
+        select_layers(config.anp.layers, points, config.model)
+    except ValueError as err:
+        raise ConfigError(f"config.anp.layers={config.anp.layers!r}: {err}") from None
+    for attack in config.eval.attacks:
+        try:
+            eval_lib.validate_attack_id(attack)
+        except ValueError as err:
+            raise ConfigError(f"config.eval.attacks: {err}") from None
+    for corruption in config.eval.corruptions:
+        try:
+            eval_lib.parse_corruption_id(corruption)
+        except ValueError as err:
+            raise ConfigError(f"config.eval.corruptions: {err}") from None
+
+
+def make_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Schedule]:
+    """``eps``, ``alpha``, ``k`` and ``lr`` as functions of the (fractional) epoch."""
+    a = config.anp
+    if a.schedule == "official":
+        noise = schedules.official_cifar10(config.num_epochs)
+    elif a.schedule == "piecewise":
+        noise = {"eps": schedules.piecewise_constant(a.boundaries, a.eps_values),
+                 "alpha": schedules.piecewise_constant(a.boundaries, a.alpha_values),
+                 "k": schedules.piecewise_constant(a.boundaries, a.k_values)}
+    else:
+        ramp = {"constant": lambda: schedules.constant(a.epsilon),
+                "linear": lambda: schedules.linear(0.0, a.epsilon, a.warmup_epochs),
+                "cosine": lambda: schedules.cosine(0.0, a.epsilon, a.warmup_epochs)}
+        noise = {"eps": ramp[a.schedule](), "alpha": schedules.constant(a.alpha),
+                 "k": schedules.constant(a.k)}
+    if config.method == "vanilla":
+        noise = {"eps": schedules.constant(0.0), "alpha": schedules.constant(0.0),
+                 "k": schedules.constant(1)}
+    elif config.method == "replay":
+        noise = dict(noise, eps=schedules.constant(0.0))
+    lr = config.learning_rate
+    if config.lr_schedule == "cosine":
+        noise["lr"] = schedules.cosine(lr, 0.0, config.num_epochs)
+    elif config.lr_schedule == "step":
+        n = int(math.ceil(config.num_epochs / config.lr_decay_epochs))
+        bounds = [config.lr_decay_epochs * i for i in range(1, n)]
+        noise["lr"] = schedules.piecewise_constant(
+            bounds, [lr * config.lr_decay_factor ** i for i in range(n)])
+    else:
+        noise["lr"] = schedules.constant(lr)
+    return noise
+
+
+def hparams_at(scheds: dict[str, schedules.Schedule], epoch: float) -> dict[str, np.ndarray]:
+    """The hyper-parameters of one mini-batch, as host scalars of fixed dtypes."""
+    return {name: np.asarray(fn(epoch), np.int32 if name == "k" else np.float32)
+            for name, fn in scheds.items()}
+
+
+def build_noise_transform(config: ml_collections.ConfigDict) -> noise_lib.NoiseTransform:
+    init = None if config.anp.init == "none" else config.anp.init
+    return noise_lib.anp(norm=config.anp.norm, init=init)
+
+
+def selected_layers(config: ml_collections.ConfigDict, points: tuple[str, ...]) -> tuple[str, ...]:
+    if config.method != "anp":
+        return ()
+    return select_layers(config.anp.layers, points, config.model)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_report(metrics: dict) -> str:
+    """A readable table of the metrics, for the terminal."""
+    rows = [("clean accuracy", metrics["clean_accuracy"])]
+    rows += [(f"adversarial {k}", v) for k, v in metrics["adversarial"].items()]
+    rows += [(f"corruption {k}", v) for k, v in metrics["corruption"].items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'metric':<{width}}  accuracy", f"{'-' * width}  --------"]
+    lines += [f"{name:<{width}}  {value:8.4f}" for name, value in rows]
+    lines.append(f"final train loss {metrics['final_train_loss']:.4f}; "
+                 f"{metrics['steps']} updates in {metrics['train_seconds']:.1f} s "
+                 f"on {metrics['num_devices']} device(s)")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                       progress: bool = True) -> dict:
+    """Trains, checkpoints, resumes, evaluates; returns and writes the metrics."""
+    validate_config(config)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    local = jax.local_devices()
+    devices = local if config.num_devices == -1 else local[:config.num_devices]
+    n_dev = len(devices)
+    if config.batch_size % (n_dev * process_count):
+        raise ConfigError(f"config.batch_size={config.batch_size}: must be a multiple of the "
+                          f"{n_dev * process_count} devices")
+    spec = data_lib.get_spec(config.dataset)
+    data_dir = config.data_dir or None
+    train_x, train_y = data_lib.load_split(config.dataset, spec.train_split, data_dir,
+                                           config.download)
+    test_x, test_y = data_lib.load_split(config.dataset, spec.test_split, data_dir,
+                                         config.download)
+    per_epoch = data_lib.steps_per_epoch(len(train_x), config.batch_size)
+    if per_epoch < 1:
+        raise ConfigError(f"config.batch_size={config.batch_size}: larger than the "
+                          f"{len(train_x)} training examples")
+    total = int(round(config.num_epochs * per_epoch))
+
+    model = create_model(config.model, num_classes=spec.num_classes, axis_name="batch")
+    layers = selected_layers(config, model.perturbation_points())
+    per_device = config.batch_size // (n_dev * process_count)
+    state = train_lib.create_train_state(
+        model, jax.random.PRNGKey(config.seed), (per_device,) + tuple(train_x.shape[1:]),
+        train_lib.make_optimizer(config.optimizer, config.momentum, config.weight_decay),
+        build_noise_transform(config), layers, config.anp.reset_per_batch)
+    state = jax_utils.replicate(state, devices)
+
+    os.makedirs(workdir, exist_ok=True)
+    every = config.get("checkpoint_every_steps", -1)
+    every = per_epoch if every in (-1, 0) else every
+    mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"),
+                            config.get("keep_checkpoints", 3))
+    loop = {"epoch_loss_sum": 0.0, "epoch_batches": 0, "last_epoch_loss": float("nan"),
+            "train_seconds": 0.0}
+    restored = ckpt_lib.restore_latest(mngr, state, devices, log)
+    if restored is not None:
+        state, loop = restored
+        if is_main:
+            log(f"resumed from checkpoint at mini-batch {loop['batches']} in {workdir}")
+    start = int(np.asarray(state.batches)[0])
+
+    scheds = make_schedules(config)
+    p_step = jax.pmap(functools.partial(train_lib.train_step, axis_name="batch"),
+                      axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,),
+                      devices=devices if process_count == 1 else None)
+    pending: list[jax.Array] = []
+
+    def flush() -> None:
+        losses = [float(x) for x in jax.device_get(pending)]
+        pending.clear()
+        if not all(math.isfinite(x) for x in losses):
+            raise TrainingError(
+                f"non-finite training loss at mini-batch <= {i + 1}; stopped. The last good "
+                f"checkpoint is in {mngr.directory} (try a smaller learning rate or eps)")
+        loop["epoch_loss_sum"] += sum(losses)
+        loop["epoch_batches"] += len(losses)
+
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="batch", leave=False,
+                   mininterval=1.0, file=sys.stderr)
+    t0 = time.perf_counter()
+    i = start
+    for i in range(start, total):
+        hp = hparams_at(scheds, i / per_epoch)
+        batch = data_lib.train_batch(train_x, train_y, config.seed, i, config.batch_size,
+                                     n_dev, process_index, process_count)
+        state, metrics = p_step(state, batch, hp)
+        pending.append(metrics["loss"][0])
+        if (i + 1) % per_epoch == 0:
+            flush()
+            loop["last_epoch_loss"] = loop["epoch_loss_sum"] / max(loop["epoch_batches"], 1)
+            loop["epoch_loss_sum"], loop["epoch_batches"] = 0.0, 0
+        if bar is not None and ((i + 1) % config.log_every_steps == 0 or i + 1 == total):
+            bar.set_postfix(epoch=f"{(i + 1) / per_epoch:.1f}",
+                            loss=f"{float(metrics['loss'][0]):.3f}",
+                            eps=f"{float(hp['eps']):.2f}", k=int(hp["k"]))
+            bar.update(i + 1 - bar.n)
+        if (i + 1) % every == 0 or i + 1 == total:
+            flush()
+            loop["train_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            loop["batches"] = i + 1
+            ckpt_lib.save(mngr, state, loop)
+    if bar is not None:
+        bar.close()
+    if pending:
+        flush()
+    mngr.close()
+
+    params = jax_utils.unreplicate(state.params)
+    batch_stats = jax_utils.unreplicate(state.batch_stats)
+    results = eval_lib.evaluate(
+        state.apply_fn, params, batch_stats, test_x, test_y,
+        attack_ids=tuple(config.eval.attacks), corruption_ids=tuple(config.eval.corruptions),
+        batch_size=config.eval.batch_size, seed=config.seed, devices=devices)
+    final_loss = loop["last_epoch_loss"]
+    if not math.isfinite(final_loss) and loop["epoch_batches"]:
+        final_loss = loop["epoch_loss_sum"] / loop["epoch_batches"]
+    metrics = {
+        "config": config.to_dict(),
+        "clean_accuracy": results["clean_accuracy"],
+        "adversarial": results["adversarial"],
+        "corruption": results["corruption"],
+        "test_loss": results["loss"],
+        "num_test_examples": results["num_examples"],
+        "final_train_loss": final_loss,
+        "train_seconds": loop["train_seconds"],
+        "steps": int(np.asarray(state.step)[0]),
+        "batches": total,
+        "epochs": config.num_epochs,
+        "num_devices": n_dev * process_count,
+        "num_processes": process_count,
+        "perturbed_layers": list(layers),
+    }
+    if is_main:
+        _write_json(os.path.join(workdir, "metrics.json"), metrics)
+    return metrics

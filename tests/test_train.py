@@ -1,0 +1,187 @@
+"""The ANP train step against independent computations of the same quantities."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from anp_jax import noise, train
+from anp_jax.models import DigitsCNN
+
+B = 6
+LR = 0.1
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": jnp.asarray(rng.uniform(size=(B, 8, 8, 1)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, 10, size=B), jnp.int32)}
+
+
+def _manual_forward(params, x, noise_by_point, captured=None):
+    """DigitsCNN written out with lax ops; adds noise at, and records, the named points."""
+    captured = {} if captured is None else captured
+
+    def at(name, z):
+        captured[name] = z
+        return z + noise_by_point.get(name, 0.0)
+
+    def conv(h, p):
+        out = jax.lax.conv_general_dilated(h, p["kernel"], (1, 1), "SAME",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return out + p["bias"]
+
+    h = at("input", x)
+    h = jax.nn.relu(at("conv1", conv(h, params["Conv_0"])))
+    h = jax.nn.relu(at("conv2", conv(h, params["Conv_1"])))
+    b, hh, ww, c = h.shape
+    h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4)).reshape(b, -1)
+    h = jax.nn.relu(at("fc1", h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]))
+    return h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+
+
+def _manual_loss(params, x, y, noise_by_point):
+    logits = _manual_forward(params, x, noise_by_point)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _grad_at_point(params, batch, noise_by_point, point):
+    """dloss/dz at ``point``: the gradient of the loss with respect to an offset there."""
+    captured = {}
+    _manual_forward(params, batch["image"], noise_by_point, captured)
+
+    def loss_of_offset(delta):
+        shifted = dict(noise_by_point)
+        shifted[point] = noise_by_point.get(point, 0.0) + delta
+        return _manual_loss(params, batch["image"], batch["label"], shifted)
+
+    return jax.grad(loss_of_offset)(jnp.zeros_like(captured[point]))
+
+
+def _normalise(g, norm):
+    flat = g.reshape(g.shape[0], -1)
+    n = jnp.linalg.norm(flat, axis=1) if norm == "l2" else jnp.max(jnp.abs(flat), axis=1)
+    return g / n.reshape((-1,) + (1,) * (g.ndim - 1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DigitsCNN(width=8)
+
+
+def _state(model, layers, norm="l2", momentum=0.0, weight_decay=0.0):
+    tx = train.make_optimizer("sgd", momentum=momentum, weight_decay=weight_decay)
+    return train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx,
+                                    noise.anp(norm=norm), layers)
+
+
+_step = jax.jit(train.train_step)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_registers_equal_normalised_activation_gradients(model, norm, k):
+    layers = ("input", "conv1", "fc1")
+    eps, alpha = 0.7, 0.6
+    state = _state(model, layers, norm)
+    batch = _batch()
+    new_state, _ = _step(state, batch, {"eps": eps, "alpha": alpha, "k": k, "lr": LR})
+
+    # Independent: k progressive steps written out by hand (plain SGD, cut networks).
+    params = state.params
+    registers = {p: 0.0 for p in layers}
+    for _ in range(k):
+        noise_by_point = {p: eps / k * registers[p] for p in layers}
+        grads = {p: _grad_at_point(params, batch, noise_by_point, p) for p in layers}
+        param_grads = jax.grad(_manual_loss)(params, batch["image"], batch["label"],
+                                             noise_by_point)
+        params = jax.tree.map(lambda w, g: w - LR * g, params, param_grads)
+        registers = {p: alpha * registers[p] + _normalise(grads[p], norm) for p in layers}
+
+    got_registers = new_state.noise.transform[1].register
+    for p in layers:
+        np.testing.assert_allclose(got_registers[p], registers[p], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(new_state.noise.injection[p], eps / k * registers[p],
+                                   rtol=2e-4, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                 new_state.params, params)
+    assert int(new_state.step) == k and int(new_state.batches) == 1
+
+
+def test_eps_zero_equals_plain_training(model):
+    """ANP with eps=0 makes the same updates as plain SGD written with optax directly."""
+    batch = _batch(1)
+    state = _state(model, ("input", "conv1", "conv2", "fc1"), momentum=0.9, weight_decay=5e-4)
+    new_state, _ = _step(state, batch, {"eps": 0.0, "alpha": 0.5, "k": 2, "lr": LR})
+
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(LR, momentum=0.9))
+    params, opt_state = state.params, tx.init(state.params)
+
+    def plain_loss(p):
+        logits = model.apply({"params": p}, batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    for _ in range(2):
+        updates, opt_state = tx.update(jax.grad(plain_loss)(params), opt_state, params)
+        params = optax.apply_updates(params, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new_state.params, params)
+
+
+def test_evaluation_ignores_noise(model):
+    batch = _batch(2)
+    state = _state(model, ("input", "conv1"))
+    state, _ = _step(state, batch, {"eps": 5.0, "alpha": 1.0, "k": 2, "lr": LR})
+    assert float(jnp.abs(state.noise.injection["input"]).max()) > 0
+    logits = train.predict(state, batch["image"])
+    expected = _manual_forward(state.params, batch["image"], {})
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_gradients_give_zero_noise(model):
+    state = _state(model, ("input", "conv1", "conv2", "fc1"))
+    state = state.replace(params=jax.tree.map(jnp.zeros_like, state.params))
+    new_state, metrics = _step(state, _batch(3), {"eps": 1.0, "alpha": 1.0, "k": 3, "lr": LR})
+    for leaf in jax.tree.leaves(new_state.noise.injection):
+        assert np.all(np.isfinite(leaf))
+    # The first update only moves the last layer's bias, so every activation gradient
+    # below it is exactly zero at the first progressive step; the input gradient stays
+    # zero while the convolution kernels are zero.
+    assert float(jnp.abs(new_state.noise.injection["input"]).max()) == 0.0
+    assert np.isfinite(float(metrics["loss"]))
+    zero = noise.anp().update({"z": jnp.zeros((2, 3))}, noise.anp().init(
+        {"z": jnp.zeros((2, 3))}, jax.random.PRNGKey(0)), {"eps": 1.0, "alpha": 1.0, "k": 1})
+    np.testing.assert_array_equal(zero[0]["z"], 0.0)
+
+
+def test_k_changes_without_recompiling(model):
+    state = _state(model, ("conv1",))
+    traces = []
+
+    def counted(*args):
+        traces.append(1)
+        return train.train_step(*args)
+
+    step = jax.jit(counted)
+    for k in (1, 2, 3):
+        hp = {"eps": np.float32(0.5 * k), "alpha": np.float32(0.5), "k": np.int32(k),
+              "lr": np.float32(LR)}
+        state, _ = step(state, _batch(k), hp)
+    assert int(state.step) == 6
+    assert len(traces) == 1
+
+
+def test_pmap_single_device_matches_jit(model):
+    state = _state(model, ("input", "conv1"))
+    batch = _batch(4)
+    hp = {"eps": 0.5, "alpha": 0.5, "k": 2, "lr": LR}
+    expected, _ = _step(state, batch, hp)
+    p_step = jax.pmap(functools.partial(train.train_step, axis_name="batch"),
+                      axis_name="batch", in_axes=(0, 0, None))
+    rep = jax.tree.map(lambda x: x[None], state)
+    got, _ = p_step(rep, jax.tree.map(lambda x: x[None], batch), hp)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6),
+                 got.params, expected.params)
