@@ -94,12 +94,14 @@ def _check_same_structure(tree: PyTree, target: PyTree) -> None:
 
 def _to_state(tree: dict, template: TrainState, devices: list[jax.Device]) -> TrainState:
     n = len(devices)
-
-    def replicate(x: np.ndarray) -> jax.Array:
-        return jax.device_put_sharded([np.asarray(x)] * n, devices)
+    mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
+    sharding = jax.NamedSharding(mesh, jax.P("devices"))
 
     def shard(x: np.ndarray) -> jax.Array:
-        return jax.device_put_sharded(list(np.asarray(x)), devices)
+        return jax.device_put(np.asarray(x), sharding)
+
+    def replicate(x: np.ndarray) -> jax.Array:
+        return shard(np.stack([np.asarray(x)] * n))
 
     return template.replace(
         step=replicate(tree["step"]), batches=replicate(tree["batches"]),

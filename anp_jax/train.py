@@ -163,7 +163,8 @@ def reset_noise(state: TrainState, hparams: Mapping[str, jax.Array],
 
 
 def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array],
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               axis_name: str | None = None, static_k: int | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One mini-batch: ``hparams["k"]`` parameter updates with progressive noise.
 
     Args:
@@ -171,11 +172,17 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
       batch: ``{"image": [B, H, W, C], "label": [B]}``.
       hparams: scalars ``eps``, ``alpha``, ``k`` (int) and ``lr`` for this mini-batch.
       axis_name: the pmap axis, or None on a single device without pmap.
+      static_k: if given, the ``k`` updates are unrolled in the traced program and
+        ``hparams["k"]`` is ignored (one compilation per value of ``k``).  XLA:CPU runs
+        convolution gradients inside loops and conditionals some 30 times slower than
+        outside them, so the trainer unrolls on CPU; on GPU and TPU the default, a
+        ``lax.fori_loop`` over a traced ``k``, compiles once for every ``k``.
 
     Returns:
       The new state and metrics averaged over the ``k`` updates (and devices): ``loss``
       (mean cross-entropy under noise), ``accuracy`` and ``noise_norm`` (mean per-example
-      L2 norm of the last injected noise, summed over points).
+      L2 norm of the last injected noise, summed over points), ``params_finite`` (1.0
+      when every parameter is finite after the updates).
     """
     hparams = {name: jnp.asarray(v) for name, v in hparams.items()}
     noise_state = reset_noise(state, hparams, axis_name) if state.reset_noise else state.noise
@@ -184,6 +191,8 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
     def body(i: jax.Array, carry: tuple) -> tuple:
         st, noise, loss_sum, correct_sum = carry
         rng = jax.random.fold_in(st.rng, st.step)
+        if axis_name is not None:  # dropout masks differ between devices
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         (loss, (logits, batch_stats)), (grads, noise_grads) = grad_fn(
             st.params, noise.injection, st, batch, rng)
         if axis_name is not None:
@@ -197,13 +206,22 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
         correct = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return st, NoiseState(injection, transform), loss_sum + loss, correct_sum + correct
 
-    k = jnp.maximum(hparams["k"].astype(jnp.int32), 1)
     zero = jnp.zeros((), jnp.float32)
-    state, noise_state, loss_sum, correct_sum = jax.lax.fori_loop(
-        0, k, body, (state, noise_state, zero, zero))
+    carry = (state, noise_state, zero, zero)
+    if static_k is None:
+        k = jnp.maximum(hparams["k"].astype(jnp.int32), 1)
+        carry = jax.lax.fori_loop(0, k, body, carry)
+    else:
+        k = static_k
+        for i in range(static_k):
+            carry = body(jnp.int32(i), carry)
+    state, noise_state, loss_sum, correct_sum = carry
     noise_norm = sum((jnp.mean(noise_lib.per_example_norm(v)) for v in
                       jax.tree.leaves(noise_state.injection)), zero)
-    metrics = {"loss": loss_sum / k, "accuracy": correct_sum / k, "noise_norm": noise_norm}
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in
+                                  jax.tree.leaves(state.params)])).astype(jnp.float32)
+    metrics = {"loss": loss_sum / k, "accuracy": correct_sum / k, "noise_norm": noise_norm,
+               "params_finite": finite}
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)
     state = state.replace(batches=state.batches + 1, noise=noise_state)

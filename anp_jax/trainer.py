@@ -223,15 +223,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start = int(np.asarray(state.batches)[0])
 
     scheds = make_schedules(config)
-    p_step = jax.pmap(functools.partial(train_lib.train_step, axis_name="batch"),
-                      axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,),
-                      devices=devices if process_count == 1 else None)
-    pending: list[jax.Array] = []
+    unroll = config.get("unroll_k", "auto")
+    unroll = jax.default_backend() == "cpu" if unroll == "auto" else bool(unroll)
+    compiled: dict[int | None, Callable] = {}
+
+    def p_step(state: train_lib.TrainState, batch: dict, hp: dict):
+        k = int(hp["k"]) if unroll else None
+        if k not in compiled:
+            compiled[k] = jax.pmap(
+                functools.partial(train_lib.train_step, axis_name="batch", static_k=k),
+                axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,),
+                devices=devices if process_count == 1 else None)
+        return compiled[k](state, batch, hp)
+    pending: list[tuple[jax.Array, jax.Array]] = []
 
     def flush() -> None:
-        losses = [float(x) for x in jax.device_get(pending)]
+        fetched = jax.device_get(pending)
         pending.clear()
-        if not all(math.isfinite(x) for x in losses):
+        losses = [float(loss) for loss, _ in fetched]
+        if not all(math.isfinite(x) and finite == 1.0 for x, (_, finite) in
+                   zip(losses, fetched)):
             raise TrainingError(
                 f"non-finite training loss at mini-batch <= {i + 1}; stopped. The last good "
                 f"checkpoint is in {mngr.directory} (try a smaller learning rate or eps)")
@@ -251,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         batch = data_lib.train_batch(train_x, train_y, config.seed, i, config.batch_size,
                                      n_dev, process_index, process_count)
         state, metrics = p_step(state, batch, hp)
-        pending.append(metrics["loss"][0])
+        pending.append((metrics["loss"][0], metrics["params_finite"][0]))
         if (i + 1) % per_epoch == 0:
             flush()
             loop["last_epoch_loss"] = loop["epoch_loss_sum"] / max(loop["epoch_batches"], 1)

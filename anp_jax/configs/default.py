@@ -49,5 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.corruptions = ("gaussian_noise_1", "gaussian_noise_3", "gaussian_noise_5")
 
     config.num_devices = -1  # -1: all local devices
+    # Unroll the k progressive updates ("auto": on CPU, where XLA runs convolution
+    # gradients inside loops slowly); otherwise one lax.fori_loop over a traced k.
+    config.unroll_k = "auto"
+    config.checkpoint_every_steps = -1  # mini-batches between checkpoints; -1: every epoch
+    config.keep_checkpoints = 3
     config.log_every_steps = 50
     return config

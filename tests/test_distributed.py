@@ -1,0 +1,172 @@
+"""pmap over 8 fake devices, two processes through jax.distributed, and checkpoints that
+survive SIGKILL and corruption."""
+
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_cli, start_cli
+from flax import jax_utils
+
+from anp_jax import checkpoint, noise, train
+from anp_jax.models import VGG
+
+GLOBAL_BATCH = 16
+LAYERS = ("input", "conv1", "conv2")
+
+
+def _run_on(n_devices, batches):
+    model = VGG(depth=11, dropout=0.0, axis_name="batch")
+    tx = train.make_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
+    state = train.create_train_state(model, jax.random.PRNGKey(0),
+                                     (GLOBAL_BATCH // n_devices, 8, 8, 3), tx,
+                                     noise.anp(), LAYERS)
+    devices = jax.local_devices()[:n_devices]
+    state = jax_utils.replicate(state, devices)
+    step = jax.pmap(functools.partial(train.train_step, axis_name="batch", static_k=2),
+                    axis_name="batch", in_axes=(0, 0, None), devices=devices)
+    hp = {"eps": np.float32(0.5), "alpha": np.float32(0.7), "k": np.int32(2),
+          "lr": np.float32(0.01)}  # larger rates make this tiny VGG chaotic
+    for batch in batches:
+        sharded = jax.tree.map(lambda x: x.reshape((n_devices, -1) + x.shape[1:]), batch)
+        state, metrics = step(state, sharded, hp)
+    return state, metrics
+
+
+def test_eight_devices_match_one_with_cross_replica_batchnorm():
+    assert jax.local_device_count() == 8
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.uniform(size=(GLOBAL_BATCH, 8, 8, 3)).astype(np.float32),
+                "label": rng.integers(0, 10, GLOBAL_BATCH).astype(np.int32)}
+               for _ in range(3)]
+    one, m1 = _run_on(1, batches)
+    eight, m8 = _run_on(8, batches)
+    # Float sums in another order: differences of ~1e-5 (the noise moves params ~1e-2).
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-3, atol=1e-4)
+    jax.tree.map(lambda a, b: close(a[0], b[0]), one.params, eight.params)
+    jax.tree.map(lambda a, b: close(a[0], b[0]), one.batch_stats, eight.batch_stats)
+    # Each device holds the registers of its own examples: together, the global ones.
+    # Normalised gradients amplify the rounding differences a little: compare directions.
+    for name in LAYERS:
+        a = np.asarray(one.noise.injection[name]).reshape(GLOBAL_BATCH, -1)
+        b = np.asarray(eight.noise.injection[name]).reshape(GLOBAL_BATCH, -1)
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        assert np.all(na > 0)
+        np.testing.assert_allclose(nb, na, rtol=1e-2)
+        assert np.min(np.sum(a * b, axis=1) / (na * nb)) > 0.999
+    close(m1["loss"][0], m8["loss"][0])
+
+
+FAST = ["--config.eval.attacks=('fgsm_linf_0.1',)",
+        "--config.eval.corruptions=('gaussian_noise_1',)"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _numbers(metrics):
+    return {k: v for k, v in metrics.items() if k not in ("train_seconds", "config")}
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+    args = ["train", "--config.num_epochs=1", *FAST]
+    single = run_cli([*args, f"--workdir={tmp_path / 'single'}"], data_dir, devices=8)
+    assert single.returncode == 0, single.stderr[-2000:]
+    port = _free_port()
+    workdir = tmp_path / "multi"
+    procs = [start_cli([*args, f"--workdir={workdir}",
+                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        f"--process_id={i}"], data_dir, devices=4) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    a = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    b = json.loads((workdir / "metrics.json").read_text())
+    assert a["num_devices"] == b["num_devices"] == 8 and b["num_processes"] == 2
+    np.testing.assert_allclose(b["final_train_loss"], a["final_train_loss"], rtol=1e-4)
+    assert abs(a["clean_accuracy"] - b["clean_accuracy"]) <= 1 / 359
+
+
+RESUMABLE = ["train", "--config.num_epochs=4", "--config.checkpoint_every_steps=8", *FAST]
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    proc = run_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return workdir, json.loads((workdir / "metrics.json").read_text())
+
+
+def _finished_steps(workdir):
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) \
+        if root.exists() else []
+
+
+def test_sigkill_then_resume_matches_uninterrupted(reference_run, data_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = start_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
+    deadline = time.time() + 300
+    while not _finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    steps = _finished_steps(workdir)
+    assert steps and max(steps) < 4 * 44, steps  # killed partway
+    assert not (workdir / "metrics.json").exists()
+    resumed = run_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from checkpoint" in resumed.stderr
+    got = json.loads((workdir / "metrics.json").read_text())
+    assert _numbers(got) == _numbers(reference_run[1])
+
+
+def test_corrupt_newest_checkpoint_falls_back(reference_run, data_dir, tmp_path):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(reference_run[0], workdir)
+    (workdir / "metrics.json").unlink()
+    steps = _finished_steps(workdir)
+    newest = workdir / "checkpoints" / str(steps[-1])
+    for root, _, files in os.walk(newest / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+    proc = run_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "unreadable" in line]
+    assert len(lines) == 1 and str(newest) in lines[0]
+    assert (workdir / "checkpoints" / f"corrupt-{steps[-1]}").exists()  # kept, set aside
+    got = json.loads((workdir / "metrics.json").read_text())
+    assert _numbers(got) == _numbers(reference_run[1])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    workdir = tmp_path / "nan"
+    proc = run_cli(["train", f"--workdir={workdir}", "--config.learning_rate=1e12",
+                    "--config.checkpoint_every_steps=1", *FAST], data_dir)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "non-finite" in err and err.startswith("anp-jax: error:")
+    mngr = checkpoint.manager(str(workdir / "checkpoints"))
+    assert mngr.all_steps(), "the good checkpoints before the divergence are kept"
+    template = train.create_train_state(
+        __import__("anp_jax.models", fromlist=["x"]).create_model("digits_cnn"),
+        jax.random.PRNGKey(0), (32, 8, 8, 1), train.make_optimizer("sgd"), noise.anp(),
+        ("input", "conv1", "conv2", "fc1"))
+    devices = jax.local_devices()[:1]
+    restored, _ = checkpoint.restore_latest(mngr, jax_utils.replicate(template, devices),
+                                            devices)
+    for leaf in jax.tree.leaves(restored.params):
+        assert np.all(np.isfinite(leaf))
