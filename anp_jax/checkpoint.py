@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,8 +58,13 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, loop: dict) -> None:
     mngr.wait_until_finished()
 
 
+def _print_err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
 def restore_latest(mngr: ocp.CheckpointManager, template: TrainState,
-                   devices: list[jax.Device], log=lambda msg: print(msg, file=sys.stderr)) -> tuple[TrainState, dict] | None:
+                   devices: list[jax.Device], log: Callable[[str], None] = _print_err
+                   ) -> tuple[TrainState, dict] | None:
     """Restores the newest readable checkpoint into ``template``, replicated over ``devices``.
 
     Returns ``(state, loop)``, or None when there is no checkpoint.  Unreadable

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import jax_utils
@@ -257,29 +256,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    mininterval=1.0, file=sys.stderr)
     t0 = time.perf_counter()
     i = start
-    for i in range(start, total):
-        hp = hparams_at(scheds, i / per_epoch)
-        batch = data_lib.train_batch(train_x, train_y, config.seed, i, config.batch_size,
-                                     n_dev, process_index, process_count)
-        state, metrics = p_step(state, batch, hp)
-        pending.append((metrics["loss"][0], metrics["params_finite"][0]))
-        if (i + 1) % per_epoch == 0:
-            flush()
-            loop["last_epoch_loss"] = loop["epoch_loss_sum"] / max(loop["epoch_batches"], 1)
-            loop["epoch_loss_sum"], loop["epoch_batches"] = 0.0, 0
-        if bar is not None and ((i + 1) % config.log_every_steps == 0 or i + 1 == total):
-            bar.set_postfix(epoch=f"{(i + 1) / per_epoch:.1f}",
-                            loss=f"{float(metrics['loss'][0]):.3f}",
-                            eps=f"{float(hp['eps']):.2f}", k=int(hp["k"]))
-            bar.update(i + 1 - bar.n)
-        if (i + 1) % every == 0 or i + 1 == total:
-            flush()
-            loop["train_seconds"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            loop["batches"] = i + 1
-            ckpt_lib.save(mngr, state, loop)
-    if bar is not None:
-        bar.close()
+    try:
+        for i in range(start, total):
+            hp = hparams_at(scheds, i / per_epoch)
+            batch = data_lib.train_batch(train_x, train_y, config.seed, i, config.batch_size,
+                                         n_dev, process_index, process_count)
+            state, metrics = p_step(state, batch, hp)
+            pending.append((metrics["loss"][0], metrics["params_finite"][0]))
+            if (i + 1) % per_epoch == 0:
+                flush()
+                loop["last_epoch_loss"] = loop["epoch_loss_sum"] / max(loop["epoch_batches"], 1)
+                loop["epoch_loss_sum"], loop["epoch_batches"] = 0.0, 0
+            if bar is not None and ((i + 1) % config.log_every_steps == 0 or i + 1 == total):
+                bar.set_postfix(epoch=f"{(i + 1) / per_epoch:.1f}",
+                                loss=f"{float(metrics['loss'][0]):.3f}",
+                                eps=f"{float(hp['eps']):.2f}", k=int(hp["k"]))
+                bar.update(i + 1 - bar.n)
+            if (i + 1) % every == 0 or i + 1 == total:
+                flush()
+                loop["train_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                loop["batches"] = i + 1
+                ckpt_lib.save(mngr, state, loop)
+    finally:
+        if bar is not None:
+            bar.close()
     if pending:
         flush()
     mngr.close()

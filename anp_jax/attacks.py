@@ -1,0 +1,478 @@
+"""White-box adversarial attacks on image classifiers.
+
+Every attack is a pure, batched, ``jax.jit``-able function with the calling convention
+``attack(logits_fn, x, y, eps, **hyper_parameters) -> x_adv`` where
+
+* ``logits_fn`` maps images ``[B, H, W, C]`` (float32, pixel scale ``[0, 1]``) to logits
+  ``[B, num_classes]``; it must treat examples independently (e.g. batch norm in inference
+  mode), because the attacks differentiate the cross-entropy *summed* over the batch to get
+  one gradient per example;
+* ``x`` are the clean images ``[B, H, W, C]`` in ``[0, 1]``;
+* ``y`` are integer labels ``[B]``;
+* ``eps`` is the budget in ``[0, 1]`` pixel units, a Python float or a traced scalar,
+  measured per example in the attack's norm (``"linf"`` or ``"l2"``).
+
+The returned adversarial images have the shape and dtype of ``x``, lie in ``[0, 1]`` and
+inside the ``eps``-ball around ``x``.  Hyper-parameters are keyword-only; those that shape the
+traced program (``num_steps``, ``restarts``, ``norm``, ``random_start``) must be static::
+
+    attack = jax.jit(functools.partial(pgd, logits_fn, num_steps=20))
+    x_adv = attack(x, y, 8 / 255, rng=key)
+
+Attacks are named by ids such as ``pgd10_linf_0.1`` (see :func:`attack_id` and
+:func:`parse_attack_id`); :data:`ATTACKS` maps the name part of an id to its function.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+Attack = Callable[..., jax.Array]
+Scalar = float | jax.Array
+
+NORMS = ("linf", "l2")
+
+_TINY = 1e-12
+_APGD_MOMENTUM = 0.75
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def _per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
+    """Reshapes a per-example array ``[B]`` to broadcast against ``like`` ``[B, ...]``."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+
+def _l2_norm(v: jax.Array) -> jax.Array:
+    """Per-example L2 norm of ``v`` ``[B, ...]``, shaped ``[B, 1, ..., 1]``."""
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
+
+
+def _cross_entropy(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-example cross-entropy ``[B]`` (nats)."""
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits_fn(x), y)
+
+
+def _loss_and_grad(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example cross-entropy ``[B]`` and its gradient w.r.t. ``x`` ``[B, H, W, C]``."""
+
+    def total(x_: jax.Array) -> tuple[jax.Array, jax.Array]:
+        losses = _cross_entropy(logits_fn, x_, y)
+        return jnp.sum(losses), losses
+
+    (_, losses), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return losses, grad
+
+
+def _ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
+    """Steepest-ascent direction of unit ``norm``: ``sign(g)`` (linf) or ``g / ||g||_2`` (l2)."""
+    if norm == "linf":
+        return jnp.sign(grad)
+    return grad / (_l2_norm(grad) + _TINY)
+
+
+def _project(x_adv: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Array:
+    """Projects ``x_adv`` onto the ``eps``-ball around ``x`` (per example), then onto ``[0, 1]``.
+
+    Clipping to ``[0, 1]`` moves every pixel towards ``x`` (which is in ``[0, 1]``), so it never
+    leaves the ball.
+    """
+    delta = x_adv - x
+    if norm == "linf":
+        delta = jnp.clip(delta, -eps, eps)
+    else:
+        delta = delta * jnp.minimum(1.0, eps / (_l2_norm(delta) + _TINY))
+    return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def _random_start(key: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Array:
+    """A point drawn uniformly from the ``eps``-ball around ``x``, clipped to ``[0, 1]``."""
+    if norm == "linf":
+        delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+    else:
+        key_direction, key_radius = jax.random.split(key)
+        direction = jax.random.normal(key_direction, x.shape, x.dtype)
+        dim = math.prod(x.shape[1:])
+        u = jax.random.uniform(key_radius, (x.shape[0],), x.dtype)
+        radius = _per_example(eps * u ** (1.0 / dim), x)
+        delta = radius * direction / (_l2_norm(direction) + _TINY)
+    return _project(x + delta, x, eps, norm)
+
+
+def accuracy(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Fraction (float32 scalar) of images ``x`` ``[B, H, W, C]`` classified as ``y`` ``[B]``."""
+    return jnp.mean(jnp.argmax(logits_fn(x), axis=-1) == y)
+
+
+def fgsm(
+    logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *, norm: str = "linf"
+) -> jax.Array:
+    """Fast gradient (sign) method: one step of size ``eps`` up the cross-entropy.
+
+    Args:
+      logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
+      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
+      y: integer labels ``[B]``.
+      eps: budget in pixel units.
+      norm: ``"linf"`` (``x + eps * sign(g)``) or ``"l2"`` (``x + eps * g / ||g||_2``).
+
+    Returns:
+      Adversarial images ``[B, H, W, C]`` in ``[0, 1]`` and in the ``eps``-ball around ``x``.
+    """
+    _check_norm(norm)
+    _, grad = _loss_and_grad(logits_fn, x, y)
+    return _project(x + eps * _ascent_direction(grad, norm), x, eps, norm)
+
+
+def step_ll(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar) -> jax.Array:
+    """Step-LL (Kurakin et al. 2017): one linf step *towards* the least-likely class.
+
+    ``x_adv = clip(x - eps * sign(dCE(x, y_ll)/dx), 0, 1)`` with ``y_ll = argmin logits(x)``.
+
+    Args:
+      logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
+      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
+      y: integer labels ``[B]``; not used (the target is the least-likely class), accepted so
+        that every attack has the same signature.
+      eps: linf budget in pixel units.
+
+    Returns:
+      Adversarial images ``[B, H, W, C]`` in ``[0, 1]`` with ``max |x_adv - x| <= eps``.
+    """
+    del y
+    y_ll = jnp.argmin(logits_fn(x), axis=-1)
+    _, grad = _loss_and_grad(logits_fn, x, y_ll)
+    return _project(x - eps * jnp.sign(grad), x, eps, "linf")
+
+
+def pgd(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    eps: Scalar,
+    *,
+    rng: jax.Array,
+    num_steps: int = 10,
+    step_size: Scalar | None = None,
+    norm: str = "linf",
+    restarts: int = 1,
+    random_start: bool = True,
+) -> jax.Array:
+    """Projected gradient descent on the cross-entropy (Madry et al. 2018).
+
+    Each run starts from a point drawn uniformly from the ``eps``-ball (or from ``x`` when
+    ``random_start`` is false) and takes ``num_steps`` steepest-ascent steps of ``step_size``,
+    projecting back onto the ball and ``[0, 1]`` after each one.  With ``restarts > 1`` run ``r``
+    uses the ``r``-th key of ``jax.random.split(rng, restarts)`` (a single run uses ``rng``
+    itself) and each example keeps the result of the first run that misclassifies it or, if no
+    run does, the result with the highest loss.
+
+    Args:
+      logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
+      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
+      y: integer labels ``[B]``.
+      eps: budget in pixel units.
+      rng: PRNG key for the random starts.
+      num_steps: number of gradient steps per run (static, >= 1).
+      step_size: step length in pixel units, in ``norm``; defaults to ``2.5 * eps / num_steps``.
+      norm: ``"linf"`` or ``"l2"`` (static).
+      restarts: number of runs (static, >= 1).
+      random_start: whether runs start at a random point of the ball (static).
+
+    Returns:
+      Adversarial images ``[B, H, W, C]`` in ``[0, 1]`` and in the ``eps``-ball around ``x``.
+    """
+    _check_norm(norm)
+    if num_steps < 1 or restarts < 1:
+        raise ValueError(f"num_steps and restarts must be >= 1, got {num_steps}, {restarts}")
+    alpha = 2.5 * eps / num_steps if step_size is None else step_size
+
+    def step(_: jax.Array, x_adv: jax.Array) -> jax.Array:
+        _, grad = _loss_and_grad(logits_fn, x_adv, y)
+        return _project(x_adv + alpha * _ascent_direction(grad, norm), x, eps, norm)
+
+    def run(key: jax.Array) -> jax.Array:
+        x_adv = _random_start(key, x, eps, norm) if random_start else x
+        return jax.lax.fori_loop(0, num_steps, step, x_adv)
+
+    if restarts == 1:
+        return run(rng)
+
+    def restart(
+        carry: tuple[jax.Array, jax.Array, jax.Array], key: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+        x_best, loss_best, fooled_best = carry
+        x_new = run(key)
+        logits = logits_fn(x_new)
+        loss_new = optax.losses.softmax_cross_entropy_with_integer_labels(logits, y)
+        fooled_new = jnp.argmax(logits, axis=-1) != y
+        take = ~fooled_best & (fooled_new | (loss_new > loss_best))
+        carry = (
+            jnp.where(_per_example(take, x), x_new, x_best),
+            jnp.where(take, loss_new, loss_best),
+            fooled_best | fooled_new,
+        )
+        return carry, None
+
+    batch = x.shape[0]
+    init = (x, jnp.full((batch,), -jnp.inf, x.dtype), jnp.zeros((batch,), bool))
+    (x_best, _, _), _ = jax.lax.scan(restart, init, jax.random.split(rng, restarts))
+    return x_best
+
+
+def mi_fgsm(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    eps: Scalar,
+    *,
+    num_steps: int = 10,
+    decay: float = 1.0,
+    step_size: Scalar | None = None,
+) -> jax.Array:
+    """Momentum iterative FGSM (Dong et al. 2018), linf.
+
+    ``m <- decay * m + g / mean|g|`` (per example), ``x <- proj(x + step_size * sign(m))``,
+    starting from the clean images with ``m = 0``.
+
+    Args:
+      logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
+      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
+      y: integer labels ``[B]``.
+      eps: linf budget in pixel units.
+      num_steps: number of steps (static, >= 1).
+      decay: momentum decay factor ``mu``.
+      step_size: linf step in pixel units; defaults to ``eps / num_steps``.
+
+    Returns:
+      Adversarial images ``[B, H, W, C]`` in ``[0, 1]`` with ``max |x_adv - x| <= eps``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    alpha = eps / num_steps if step_size is None else step_size
+
+    def step(_: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        x_adv, momentum = carry
+        _, grad = _loss_and_grad(logits_fn, x_adv, y)
+        l1_mean = jnp.mean(jnp.abs(grad), axis=tuple(range(1, grad.ndim)), keepdims=True)
+        momentum = decay * momentum + grad / jnp.maximum(l1_mean, _TINY)
+        return _project(x_adv + alpha * jnp.sign(momentum), x, eps, "linf"), momentum
+
+    x_adv, _ = jax.lax.fori_loop(0, num_steps, step, (x, jnp.zeros_like(x)))
+    return x_adv
+
+
+def _apgd_checkpoints(num_steps: int) -> list[int]:
+    """APGD checkpoints ``w_j = ceil(p_j * num_steps)`` with ``0 < w_j < num_steps``.
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``; duplicates
+    (possible for small ``num_steps``) are merged.
+    """
+    checkpoints = set()
+    p_prev, p = 0.0, 0.22
+    while p < 1.0:
+        # Rounding guards against float noise such as 0.22 * 100 = 22.000000000000004.
+        checkpoints.add(math.ceil(round(p * num_steps, 6)))
+        p_prev, p = p, p + max(p - p_prev - 0.03, 0.06)
+    return sorted(w for w in checkpoints if 0 < w < num_steps)
+
+
+class _APGDState(NamedTuple):
+    x_adv: jax.Array  # current iterate x^(k), [B, H, W, C]
+    x_prev: jax.Array  # previous iterate x^(k-1), [B, H, W, C]
+    grad: jax.Array  # gradient at x_adv, [B, H, W, C]
+    loss: jax.Array  # loss at x_adv, [B]
+    step_size: jax.Array  # per-example step size eta^(k), [B]
+    x_best: jax.Array  # highest-loss point so far, [B, H, W, C]
+    grad_best: jax.Array  # gradient at x_best, [B, H, W, C]
+    loss_best: jax.Array  # loss at x_best, [B]
+    num_increases: jax.Array  # loss increases since the last checkpoint, [B] int32
+    loss_best_at_check: jax.Array  # loss_best at the last checkpoint, [B]
+    reduced_at_check: jax.Array  # whether the step size was halved at the last checkpoint, [B]
+
+
+def apgd_ce(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    eps: Scalar,
+    *,
+    rng: jax.Array,
+    num_steps: int = 10,
+    norm: str = "linf",
+    rho: float = 0.75,
+) -> jax.Array:
+    """APGD on the cross-entropy (Croce & Hein 2020, the first attack of AutoAttack).
+
+    From a uniform random start ``x^(0)`` in the ball, each iteration takes a steepest-ascent
+    step with momentum 0.75 (none on the first iteration)::
+
+        z = P(x^(k) + eta^(k) * direction(grad f(x^(k))))
+        x^(k+1) = P(x^(k) + 0.75 * (z - x^(k)) + 0.25 * (x^(k) - x^(k-1)))
+
+    with per-example step sizes ``eta^(0) = 2 * eps``.  At every checkpoint ``w_j`` (see
+    :func:`_apgd_checkpoints`) an example halves its step size and restarts from its best
+    point (with no momentum) if (1) fewer than ``rho * (w_j - w_{j-1})`` of its iterations since
+    ``w_{j-1}`` increased the loss, or (2) its step size was not halved at ``w_{j-1}`` and its
+    best loss has not improved since.
+
+    Args:
+      logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
+      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
+      y: integer labels ``[B]``.
+      eps: budget in pixel units.
+      rng: PRNG key for the random start.
+      num_steps: number of iterations (static, >= 1); costs ``num_steps + 1`` gradients.
+      norm: ``"linf"`` or ``"l2"`` (static).
+      rho: threshold on the fraction of loss-increasing iterations (condition 1).
+
+    Returns:
+      The highest-loss point found for each example, ``[B, H, W, C]``, in ``[0, 1]`` and in
+      the ``eps``-ball around ``x``.
+    """
+    _check_norm(norm)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    # Static tables indexed by the loop counter k: whether x^(k+1) is a checkpoint and, if so,
+    # the number of iterations since the previous checkpoint.
+    is_checkpoint = np.zeros(num_steps, bool)
+    interval = np.zeros(num_steps, np.int32)
+    previous = 0
+    for w in _apgd_checkpoints(num_steps):
+        is_checkpoint[w - 1] = True
+        interval[w - 1] = w - previous
+        previous = w
+
+    def body(k: jax.Array, s: _APGDState) -> _APGDState:
+        momentum = jnp.where(k == 0, 1.0, _APGD_MOMENTUM)
+        step = _per_example(s.step_size, x) * _ascent_direction(s.grad, norm)
+        z = _project(s.x_adv + step, x, eps, norm)
+        x_new = _project(
+            s.x_adv + momentum * (z - s.x_adv) + (1.0 - momentum) * (s.x_adv - s.x_prev),
+            x,
+            eps,
+            norm,
+        )
+        loss_new, grad_new = _loss_and_grad(logits_fn, x_new, y)
+        num_increases = s.num_increases + (loss_new > s.loss)
+        improved = loss_new > s.loss_best
+        improved_x = _per_example(improved, x)
+        x_best = jnp.where(improved_x, x_new, s.x_best)
+        grad_best = jnp.where(improved_x, grad_new, s.grad_best)
+        loss_best = jnp.where(improved, loss_new, s.loss_best)
+
+        at_checkpoint = jnp.asarray(is_checkpoint)[k]
+        too_few_increases = num_increases < rho * jnp.asarray(interval)[k]
+        stalled = ~s.reduced_at_check & (loss_best <= s.loss_best_at_check)
+        reduce = at_checkpoint & (too_few_increases | stalled)
+        reduce_x = _per_example(reduce, x)
+        return _APGDState(
+            x_adv=jnp.where(reduce_x, x_best, x_new),
+            x_prev=jnp.where(reduce_x, x_best, s.x_adv),
+            grad=jnp.where(reduce_x, grad_best, grad_new),
+            loss=jnp.where(reduce, loss_best, loss_new),
+            step_size=jnp.where(reduce, s.step_size / 2, s.step_size),
+            x_best=x_best,
+            grad_best=grad_best,
+            loss_best=loss_best,
+            num_increases=jnp.where(at_checkpoint, 0, num_increases),
+            loss_best_at_check=jnp.where(at_checkpoint, loss_best, s.loss_best_at_check),
+            reduced_at_check=jnp.where(at_checkpoint, reduce, s.reduced_at_check),
+        )
+
+    x0 = _random_start(rng, x, eps, norm)
+    loss0, grad0 = _loss_and_grad(logits_fn, x0, y)
+    batch = x.shape[0]
+    init = _APGDState(
+        x_adv=x0,
+        x_prev=x0,
+        grad=grad0,
+        loss=loss0,
+        step_size=2.0 * eps * jnp.ones((batch,), x.dtype),
+        x_best=x0,
+        grad_best=grad0,
+        loss_best=loss0,
+        num_increases=jnp.zeros((batch,), jnp.int32),
+        loss_best_at_check=loss0,
+        reduced_at_check=jnp.zeros((batch,), bool),
+    )
+    return jax.lax.fori_loop(0, num_steps, body, init).x_best
+
+
+def transfer(
+    source_logits_fn: LogitsFn,
+    target_logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    attack: Attack,
+    **kwargs: Any,
+) -> jax.Array:
+    """Crafts adversarial images on the source model for a transfer (black-box) evaluation.
+
+    Args:
+      source_logits_fn: the surrogate model the attack differentiates.
+      target_logits_fn: the attacked model; not queried here (evaluate the returned images on
+        it, e.g. with :func:`accuracy`), accepted to keep call sites explicit.
+      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
+      y: integer labels ``[B]``.
+      attack: one of the attacks of this module.
+      **kwargs: the attack's remaining arguments (``eps``, ``rng``, ...).
+
+    Returns:
+      Adversarial images ``[B, H, W, C]`` crafted on ``source_logits_fn``.
+    """
+    del target_logits_fn
+    return attack(source_logits_fn, x, y, **kwargs)
+
+
+ATTACKS: dict[str, Attack] = {
+    "fgsm": fgsm,
+    "stepll": step_ll,
+    "pgd": pgd,
+    "mifgsm": mi_fgsm,
+    "apgd": apgd_ce,
+}
+
+_ID_PATTERN = re.compile(r"([a-z]+)([1-9][0-9]*)?_(linf|l2)_([0-9.eE+-]+)")
+
+
+def attack_id(name: str, norm: str, eps: float, steps: int | None = None) -> str:
+    """The id of an attack configuration, e.g. ``pgd10_linf_0.1`` or ``fgsm_l2_0.5``.
+
+    Args:
+      name: a key of :data:`ATTACKS`.
+      norm: ``"linf"`` or ``"l2"``.
+      eps: budget in pixel units, written with ``f"{eps:g}"`` (6 significant digits).
+      steps: number of iterations, omitted from the id when ``None``.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
+    _check_norm(norm)
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1 or None, got {steps}")
+    return f"{name}{'' if steps is None else steps}_{norm}_{eps:g}"
+
+
+def parse_attack_id(id_: str) -> tuple[str, str, float, int | None]:
+    """Inverse of :func:`attack_id`: ``"pgd20_l2_0.5" -> ("pgd", "l2", 0.5, 20)``."""
+    match = _ID_PATTERN.fullmatch(id_)
+    if match is None or match[1] not in ATTACKS:
+        raise ValueError(f"not an attack id: {id_!r}")
+    name, steps, norm, eps = match.groups()
+    try:
+        budget = float(eps)
+    except ValueError:
+        raise ValueError(f"not an attack id: {id_!r}") from None
+    return name, norm, budget, int(steps) if steps else None
