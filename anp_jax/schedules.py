@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 Schedule = Callable[[float], float]
@@ -45,30 +46,30 @@ def piecewise_constant(boundaries: Sequence[float], values: Sequence[float]) -> 
     return schedule
 
 
-def linear(init_value: float, end_value: float, transition: float,
-           start: float = 0.0) -> Schedule:
-    """``init_value`` until ``start``, then linearly to ``end_value`` over ``transition``."""
+def _ramp(shape: Callable[[jax.Array], jax.Array], init_value: float, end_value: float,
+          transition: float, start: float) -> Schedule:
+    """``init_value`` until ``start``, then ``shape(fraction)`` of the way to ``end_value``."""
     if transition <= 0:
-        raise ValueError(f"linear schedule needs transition > 0, got {transition}")
+        raise ValueError(f"schedule needs transition > 0, got {transition}")
 
     def schedule(count: float) -> float:
         frac = jnp.clip((jnp.asarray(count, jnp.float32) - start) / transition, 0.0, 1.0)
-        return init_value + frac * (end_value - init_value)
+        return init_value + shape(frac) * (end_value - init_value)
 
     return schedule
+
+
+def linear(init_value: float, end_value: float, transition: float,
+           start: float = 0.0) -> Schedule:
+    """``init_value`` until ``start``, then linearly to ``end_value`` over ``transition``."""
+    return _ramp(lambda f: f, init_value, end_value, transition, start)
 
 
 def cosine(init_value: float, end_value: float, transition: float,
            start: float = 0.0) -> Schedule:
     """``init_value`` until ``start``, then along half a cosine to ``end_value``."""
-    if transition <= 0:
-        raise ValueError(f"cosine schedule needs transition > 0, got {transition}")
-
-    def schedule(count: float) -> float:
-        frac = jnp.clip((jnp.asarray(count, jnp.float32) - start) / transition, 0.0, 1.0)
-        return end_value + (init_value - end_value) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
-
-    return schedule
+    return _ramp(lambda f: 0.5 * (1.0 - jnp.cos(math.pi * f)), init_value, end_value,
+                 transition, start)
 
 
 # The official CIFAR-10 schedule (VGG-16-BN, 120 epochs): epoch boundaries and values.

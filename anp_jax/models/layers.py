@@ -16,7 +16,17 @@ class PerturbableModel(nn.Module):
     Subclasses call ``self.perturb(name, z)`` at each point (Flax adds the matching entry
     of the ``perturbations`` collection to ``z`` when one is given, and is the identity
     otherwise) and list the names, input first, in :meth:`perturbation_points`.
+
+    Attributes shared by every model: ``num_classes``; ``mean``/``std`` to standardise
+    pixels inside the model; ``axis_name`` of pmap for cross-replica BatchNorm; ``dtype``
+    of the computation (activations, and so the noise registers).
     """
+
+    num_classes: int = 10
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    axis_name: str | None = None
+    dtype: jnp.dtype = jnp.float32
 
     def perturbation_points(self) -> tuple[str, ...]:
         raise NotImplementedError
@@ -35,13 +45,12 @@ class PerturbableModel(nn.Module):
             value = value + self.get_variable(collection, name).astype(value.dtype)
         return value
 
-    def normalize_input(self, x: jnp.ndarray, mean: Sequence[float] | None,
-                        std: Sequence[float] | None) -> jnp.ndarray:
+    def normalize_input(self, x: jnp.ndarray) -> jnp.ndarray:
         """Standardises pixels inside the model, so attack budgets stay in pixel units."""
-        if mean is not None:
-            x = x - jnp.asarray(mean, x.dtype)
-        if std is not None:
-            x = x / jnp.asarray(std, x.dtype)
+        if self.mean is not None:
+            x = x - jnp.asarray(self.mean, x.dtype)
+        if self.std is not None:
+            x = x / jnp.asarray(self.std, x.dtype)
         return x
 
 

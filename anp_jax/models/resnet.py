@@ -11,13 +11,17 @@ import jax.numpy as jnp
 from anp_jax.models.layers import PerturbableModel
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection."""
+class Block(nn.Module):
+    """A residual block: ``filters`` channels, ``strides`` at its first convolution."""
 
     filters: int
     strides: int
     norm: type[nn.Module]
     dtype: jnp.dtype = jnp.float32
+
+
+class BasicBlock(Block):
+    """Two 3x3 convolutions with a residual connection."""
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -32,13 +36,8 @@ class BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     """1x1, 3x3, 1x1 convolutions (expansion 4) with a residual connection."""
-
-    filters: int
-    strides: int
-    norm: type[nn.Module]
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -63,12 +62,7 @@ class ResNet(PerturbableModel):
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     bottleneck: bool = False
     stem: str = "cifar"
-    num_classes: int = 10
     width: int = 64
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    axis_name: str | None = None
-    dtype: jnp.dtype = jnp.float32
 
     def perturbation_points(self) -> tuple[str, ...]:
         blocks = tuple(f"stage{i + 1}_block{j + 1}"
@@ -80,7 +74,7 @@ class ResNet(PerturbableModel):
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                        epsilon=1e-5, axis_name=self.axis_name, dtype=self.dtype)
         x = self.perturb("input", x.astype(self.dtype))
-        x = self.normalize_input(x, self.mean, self.std)
+        x = self.normalize_input(x)
         if self.stem == "cifar":
             x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
             x = nn.relu(norm()(self.perturb("stem", x)))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -16,12 +14,7 @@ class DigitsCNN(PerturbableModel):
     Perturbation points: ``input``, ``conv1``, ``conv2``, ``fc1`` (pre-activation outputs).
     """
 
-    num_classes: int = 10
     width: int = 32
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    axis_name: str | None = None
-    dtype: jnp.dtype = jnp.float32
 
     def perturbation_points(self) -> tuple[str, ...]:
         return ("input", "conv1", "conv2", "fc1")
@@ -29,7 +22,7 @@ class DigitsCNN(PerturbableModel):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.perturb("input", x.astype(self.dtype))
-        x = self.normalize_input(x, self.mean, self.std)
+        x = self.normalize_input(x)
         x = self.perturb("conv1", nn.Conv(self.width, (3, 3), dtype=self.dtype)(x))
         x = nn.relu(x)
         x = self.perturb("conv2", nn.Conv(2 * self.width, (3, 3), dtype=self.dtype)(x))
@@ -47,11 +40,6 @@ class LeNet(PerturbableModel):
     Perturbation points: ``input``, ``conv1``, ``conv2``, ``fc1``, ``fc2``.
     """
 
-    num_classes: int = 10
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    axis_name: str | None = None
-    dtype: jnp.dtype = jnp.float32
 
     def perturbation_points(self) -> tuple[str, ...]:
         return ("input", "conv1", "conv2", "fc1", "fc2")
@@ -59,7 +47,7 @@ class LeNet(PerturbableModel):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.perturb("input", x.astype(self.dtype))
-        x = self.normalize_input(x, self.mean, self.std)
+        x = self.normalize_input(x)
         x = self.perturb("conv1", nn.Conv(6, (5, 5), dtype=self.dtype)(x))
         x = nn.max_pool(nn.relu(x), (2, 2), (2, 2), padding="SAME")
         x = self.perturb("conv2", nn.Conv(16, (5, 5), padding="VALID" if x.shape[1] >= 5

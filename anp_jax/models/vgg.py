@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -29,12 +27,7 @@ class VGG(PerturbableModel):
     """
 
     depth: int = 16
-    num_classes: int = 10
     dropout: float = 0.3
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    axis_name: str | None = None
-    dtype: jnp.dtype = jnp.float32
 
     def perturbation_points(self) -> tuple[str, ...]:
         convs = sum(1 for c in VGG_CONFIGS[self.depth] if c != "M")
@@ -43,7 +36,7 @@ class VGG(PerturbableModel):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.perturb("input", x.astype(self.dtype))
-        x = self.normalize_input(x, self.mean, self.std)
+        x = self.normalize_input(x)
         index = 0
         for channels in VGG_CONFIGS[self.depth]:
             if channels == "M":
