@@ -2,7 +2,8 @@
 
 A checkpoint is named by the number of mini-batches trained (the data position) and
 holds: the replicated parts of the :class:`~anp_jax.train.TrainState` (params, batch
-statistics, optimizer state, step, RNG) once, the noise registers of every local device,
+statistics, optimizer state, step, RNG) once, the noise registers (and Free-AT's input
+perturbation) of every local device,
 and a small JSON record of the host loop (running sums of the epoch's loss).
 
 Orbax writes into a temporary directory and renames it when complete, so a run killed
@@ -34,11 +35,12 @@ class CheckpointError(Exception):
 def _host_tree(state: TrainState) -> dict:
     """The state as host arrays: replicated parts from device 0, registers from all."""
     first = jax.tree.map(lambda x: np.asarray(x[0]) if hasattr(x, "shape") else x,
-                         state.replace(noise=None))
+                         state.replace(noise=None, adv_delta=None))
     return {
         "step": first.step, "batches": first.batches, "params": first.params,
         "batch_stats": first.batch_stats, "opt_state": first.opt_state, "rng": first.rng,
         "noise": jax.tree.map(np.asarray, state.noise),
+        "adv_delta": np.asarray(state.adv_delta),
     }
 
 
@@ -114,4 +116,5 @@ def _to_state(tree: dict, template: TrainState, devices: list[jax.Device]) -> Tr
         params=jax.tree.map(replicate, tree["params"]),
         batch_stats=jax.tree.map(replicate, tree["batch_stats"]),
         opt_state=jax.tree.map(replicate, tree["opt_state"]),
-        rng=replicate(tree["rng"]), noise=jax.tree.map(shard, tree["noise"]))
+        rng=replicate(tree["rng"]), noise=jax.tree.map(shard, tree["noise"]),
+        adv_delta=shard(tree["adv_delta"]))

@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from anp_jax import adversarial
 from anp_jax import noise as noise_lib
+from anp_jax.adversarial import Adversary
 from anp_jax.models import PERTURBATIONS
 
 PyTree = Any
@@ -59,6 +61,7 @@ class TrainState:
     batch_stats: PyTree
     opt_state: optax.OptState
     noise: NoiseState
+    adv_delta: jax.Array  # Free-AT's input perturbation, [B, H, W, C] (zeros otherwise)
     rng: jax.Array
     apply_fn: Callable = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
@@ -98,6 +101,7 @@ def create_train_state(model: nn.Module, rng: jax.Array, image_shape: tuple[int,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         noise=NoiseState(template, noise_tx.init(template, noise_rng)),
+        adv_delta=jnp.zeros(image_shape, jnp.float32),
         rng=train_rng,
         apply_fn=model.apply,
         tx=tx,
@@ -139,15 +143,37 @@ def _set_learning_rate(opt_state: optax.OptState, lr: jax.Array) -> optax.OptSta
     return opt_state._replace(hyperparams=hyper)
 
 
-def _loss_fn(params: PyTree, injection: PyTree, state: TrainState, batch: Batch,
-             rng: jax.Array) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+def _forward(params: PyTree, injection: PyTree, batch_stats: PyTree, state: TrainState,
+             images: jax.Array, rng: jax.Array) -> tuple[jax.Array, PyTree]:
+    """Training-mode logits with noise ``injection``, and the updated batch statistics."""
     variables = {"params": params, PERTURBATIONS: injection}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    logits, updates = state.apply_fn(variables, batch["image"], train=True,
-                                     mutable=["batch_stats"], rngs={"dropout": rng})
-    loss = cross_entropy(logits, batch["label"])
-    return loss, (logits, updates.get("batch_stats", state.batch_stats))
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": rng})
+    return logits, updates.get("batch_stats", batch_stats)
+
+
+def _loss_fn(params: PyTree, injection: PyTree, images: jax.Array, state: TrainState,
+             batch: Batch, rng: jax.Array, adversary: Adversary | None
+             ) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+    """Cross-entropy on ``images`` (TRADES: CE on the clean batch + beta * KL to
+    ``images``), with the noise ``injection`` in every forward pass."""
+    if adversary is not None and adversary.kind == "trades":
+        logits, batch_stats = _forward(params, injection, state.batch_stats, state,
+                                       batch["image"], rng)
+        logits_adv, batch_stats = _forward(params, injection, batch_stats, state, images, rng)
+        robust = jnp.mean(adversarial.kl_divergence(logits, logits_adv))
+        return cross_entropy(logits, batch["label"]) + adversary.beta * robust, \
+            (logits, batch_stats)
+    logits, batch_stats = _forward(params, injection, state.batch_stats, state, images, rng)
+    return cross_entropy(logits, batch["label"]), (logits, batch_stats)
+
+
+def _attack_model(state: TrainState, rng: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """The model as the training-time attacks see it: training mode, no noise, no update
+    of the running statistics."""
+    return lambda images: _forward(state.params, {}, state.batch_stats, state, images, rng)[0]
 
 
 def reset_noise(state: TrainState, hparams: Mapping[str, jax.Array],
@@ -163,7 +189,8 @@ def reset_noise(state: TrainState, hparams: Mapping[str, jax.Array],
 
 
 def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array],
-               axis_name: str | None = None, static_k: int | None = None
+               axis_name: str | None = None, static_k: int | None = None,
+               adversary: Adversary | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One mini-batch: ``hparams["k"]`` parameter updates with progressive noise.
 
@@ -177,6 +204,9 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
         convolution gradients inside loops and conditionals some 30 times slower than
         outside them, so the trainer unrolls on CPU; on GPU and TPU the default, a
         ``lax.fori_loop`` over a traced ``k``, compiles once for every ``k``.
+      adversary: adversarial training (PGD-AT, TRADES, Fast-AT, Free-AT; see
+        :mod:`anp_jax.adversarial`); each of the ``k`` updates crafts its own input.
+        Combined with ANP when the state has perturbation points.
 
     Returns:
       The new state and metrics averaged over the ``k`` updates (and devices): ``loss``
@@ -186,15 +216,19 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
     """
     hparams = {name: jnp.asarray(v) for name, v in hparams.items()}
     noise_state = reset_noise(state, hparams, axis_name) if state.reset_noise else state.noise
-    grad_fn = jax.value_and_grad(_loss_fn, argnums=(0, 1), has_aux=True)
+    grad_fn = jax.value_and_grad(_loss_fn, argnums=(0, 1, 2), has_aux=True)
 
     def body(i: jax.Array, carry: tuple) -> tuple:
         st, noise, loss_sum, correct_sum = carry
         rng = jax.random.fold_in(st.rng, st.step)
-        if axis_name is not None:  # dropout masks differ between devices
+        if axis_name is not None:  # dropout masks and random starts differ between devices
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        (loss, (logits, batch_stats)), (grads, noise_grads) = grad_fn(
-            st.params, noise.injection, st, batch, rng)
+        attack_rng, rng = jax.random.split(rng)
+        images = adversarial.adversarial_inputs(
+            adversary, _attack_model(st, rng), batch["image"], batch["label"], st.adv_delta,
+            attack_rng, unroll=static_k is not None)
+        (loss, (logits, batch_stats)), (grads, noise_grads, input_grads) = grad_fn(
+            st.params, noise.injection, images, st, batch, rng, adversary)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
         opt_state = _set_learning_rate(st.opt_state, hparams["lr"])
@@ -202,7 +236,9 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
         params = optax.apply_updates(st.params, updates)
         injection, transform = st.noise_tx.update(noise_grads, noise.transform, hparams)
         st = st.replace(step=st.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state)
+                        opt_state=opt_state,
+                        adv_delta=adversarial.update_free_delta(adversary, st.adv_delta,
+                                                                input_grads))
         correct = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return st, NoiseState(injection, transform), loss_sum + loss, correct_sum + correct
 

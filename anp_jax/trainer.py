@@ -28,9 +28,12 @@ from anp_jax import evaluate as eval_lib
 from anp_jax import noise as noise_lib
 from anp_jax import schedules
 from anp_jax import train as train_lib
+from anp_jax.adversarial import Adversary
 from anp_jax.models import MODELS, create_model, select_layers
 
-METHODS = ("vanilla", "anp", "replay")
+# Adversarial-training methods and the adversary they use; "anp_" + any of them adds ANP.
+ADVERSARIES = {"pgd_at": "pgd", "trades": "trades", "fast_at": "fast", "free_at": "free"}
+METHODS = ("vanilla", "anp", "replay", *ADVERSARIES, *(f"anp_{m}" for m in ADVERSARIES))
 ANP_SCHEDULES = ("constant", "official", "linear", "cosine", "piecewise")
 LR_SCHEDULES = ("constant", "cosine", "step")
 
@@ -56,6 +59,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"unknown dataset; choose from {', '.join(data_lib.DATASETS)}")
     need(config.model in MODELS, "model", f"unknown model; choose from {', '.join(MODELS)}")
     need(config.method in METHODS, "method", f"choose from {', '.join(METHODS)}")
+    need(config.adv.epsilon >= 0, "adv.epsilon", "must be >= 0")
+    need(config.adv.steps >= 1, "adv.steps", "must be >= 1")
+    need(config.adv.replays >= 1, "adv.replays", "must be >= 1")
     need(config.num_epochs > 0, "num_epochs", "must be > 0")
     need(config.batch_size > 0, "batch_size", "must be > 0")
     need(config.learning_rate > 0, "learning_rate", "must be > 0")
@@ -116,11 +122,13 @@ def make_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Sch
                 "cosine": lambda: schedules.cosine(0.0, a.epsilon, a.warmup_epochs)}
         noise = {"eps": ramp[a.schedule](), "alpha": schedules.constant(a.alpha),
                  "k": schedules.constant(a.k)}
-    if config.method == "vanilla":
-        noise = {"eps": schedules.constant(0.0), "alpha": schedules.constant(0.0),
-                 "k": schedules.constant(1)}
-    elif config.method == "replay":
-        noise = dict(noise, eps=schedules.constant(0.0))
+    if not config.method.startswith("anp"):
+        k = schedules.constant(1)
+        if config.method == "replay":
+            k = noise["k"]
+        noise = {"eps": schedules.constant(0.0), "alpha": schedules.constant(0.0), "k": k}
+    if config.method.endswith("free_at"):  # Free-AT replays each mini-batch
+        noise["k"] = schedules.constant(config.adv.replays)
     lr = config.learning_rate
     if config.lr_schedule == "cosine":
         noise["lr"] = schedules.cosine(lr, 0.0, config.num_epochs)
@@ -145,8 +153,17 @@ def build_noise_transform(config: ml_collections.ConfigDict) -> noise_lib.NoiseT
     return noise_lib.anp(norm=config.anp.norm, init=init)
 
 
+def make_adversary(config: ml_collections.ConfigDict) -> Adversary | None:
+    """The adversary of an adversarial-training method, or None."""
+    kind = ADVERSARIES.get(config.method.removeprefix("anp_"))
+    if kind is None:
+        return None
+    a = config.adv
+    return Adversary(kind, a.epsilon, a.step_size, a.steps, a.beta)
+
+
 def selected_layers(config: ml_collections.ConfigDict, points: tuple[str, ...]) -> tuple[str, ...]:
-    if config.method != "anp":
+    if not config.method.startswith("anp"):
         return ()
     return select_layers(config.anp.layers, points, config.model)
 
@@ -222,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start = int(np.asarray(state.batches)[0])
 
     scheds = make_schedules(config)
+    adversary = make_adversary(config)
     unroll = config.get("unroll_k", "auto")
     unroll = jax.default_backend() == "cpu" if unroll == "auto" else bool(unroll)
     compiled: dict[int | None, Callable] = {}
@@ -230,7 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         k = int(hp["k"]) if unroll else None
         if k not in compiled:
             compiled[k] = jax.pmap(
-                functools.partial(train_lib.train_step, axis_name="batch", static_k=k),
+                functools.partial(train_lib.train_step, axis_name="batch", static_k=k,
+                                  adversary=adversary),
                 axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,),
                 devices=devices if process_count == 1 else None)
         return compiled[k](state, batch, hp)

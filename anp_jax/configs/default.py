@@ -13,7 +13,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.download = False  # let TFDS download a data set that is not prepared
     config.model = "digits_cnn"
-    config.method = "anp"  # "vanilla" or "anp"
+    # "vanilla", "anp", "replay" (k updates per mini-batch, no noise: ANP's control);
+    # adversarial training "pgd_at", "trades", "fast_at", "free_at"; with ANP "anp_pgd_at",
+    # "anp_trades", "anp_fast_at", "anp_free_at".
+    config.method = "anp"
     config.seed = 0
 
     config.num_epochs = 30
@@ -42,6 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.anp.eps_values = (0.0, 1.0, 0.0)
     config.anp.alpha_values = (0.0, 0.5, 0.0)
     config.anp.k_values = (1, 2, 1)
+
+    config.adv = ml_collections.ConfigDict()  # adversarial training, L-inf, pixel units
+    config.adv.epsilon = 0.1
+    config.adv.step_size = 0.025
+    config.adv.steps = 7
+    config.adv.beta = 6.0  # TRADES
+    config.adv.replays = 4  # Free-AT: updates per mini-batch
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 512

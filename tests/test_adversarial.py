@@ -1,0 +1,91 @@
+"""Adversarial training (PGD-AT, TRADES, Fast-AT, Free-AT) and its combination with ANP."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from anp_jax import adversarial, noise, train
+from anp_jax.adversarial import Adversary
+from anp_jax.models import DigitsCNN
+
+B = 8
+EPS = 0.1
+HP = {"eps": np.float32(1.0), "alpha": np.float32(0.5), "k": np.int32(2),
+      "lr": np.float32(0.1)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.uniform(size=(B, 8, 8, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, B), jnp.int32)}
+    model = DigitsCNN(width=8)
+    tx = train.make_optimizer("sgd", momentum=0.0, weight_decay=0.0)
+    plain = train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx)
+    anp = train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx,
+                                   noise.anp(), ("input", "conv1"))
+    return model, batch, plain, anp
+
+
+def _ce(model, params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": params}, x), y).mean()
+
+
+@pytest.mark.parametrize("kind", ["pgd", "fast", "trades"])
+def test_attack_inputs_stay_in_budget_and_raise_the_loss(setup, kind):
+    model, batch, state, _ = setup
+    adv = Adversary(kind, EPS, EPS / 4, steps=5)
+    fn = functools.partial(model.apply, {"params": state.params})
+    x_adv = jax.jit(lambda r: adversarial.adversarial_inputs(
+        adv, fn, batch["image"], batch["label"], jnp.zeros_like(batch["image"]), r,
+        unroll=True))(jax.random.PRNGKey(1))
+    assert float(jnp.max(jnp.abs(x_adv - batch["image"]))) <= EPS + 1e-6
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    if kind == "trades":
+        kl = adversarial.kl_divergence(fn(batch["image"]), fn(x_adv))
+        assert float(kl.mean()) > 1e-6
+    else:
+        assert _ce(model, state.params, x_adv, batch["label"]) > \
+            _ce(model, state.params, batch["image"], batch["label"])
+
+
+def test_free_at_delta_follows_the_input_gradient(setup):
+    """First replay: delta = eps * sign(dloss/dx) at the clean batch (delta starts at 0)."""
+    model, batch, state, _ = setup
+    step = jax.jit(functools.partial(train.train_step, static_k=1,
+                                     adversary=Adversary("free", EPS, EPS)))
+    new, _ = step(state, batch, dict(HP, k=np.int32(1)))
+    g = jax.grad(lambda x: _ce(model, state.params, x, batch["label"]))(batch["image"])
+    np.testing.assert_array_equal(new.adv_delta, EPS * np.sign(g))
+
+
+def test_trades_with_beta_zero_is_plain_training(setup):
+    model, batch, state, _ = setup
+    step = jax.jit(functools.partial(train.train_step, static_k=1,
+                                     adversary=Adversary("trades", EPS, EPS / 4, 3, beta=0.0)))
+    new, _ = step(state, batch, dict(HP, k=np.int32(1)))
+    grads = jax.grad(lambda p: _ce(model, p, batch["image"], batch["label"]))(state.params)
+    expected = jax.tree.map(lambda p, g: p - HP["lr"] * g, state.params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new.params, expected)
+
+
+@pytest.mark.parametrize("kind", ["pgd", "trades", "fast", "free"])
+def test_every_method_alone_and_with_anp(setup, kind):
+    _, batch, plain, anp = setup
+    adv = Adversary(kind, EPS, EPS / 4, steps=2)
+    step = jax.jit(functools.partial(train.train_step, static_k=2, adversary=adv))
+    alone, m1 = step(plain, batch, HP)
+    combined, m2 = step(anp, batch, HP)
+    assert np.isfinite(float(m1["loss"])) and np.isfinite(float(m2["loss"]))
+    assert int(alone.step) == 2 and int(combined.step) == 2
+    # ANP's registers are filled on top of the adversary, and change the updates.
+    assert float(jnp.abs(combined.noise.injection["conv1"]).max()) > 0
+    diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                                            alone.params, combined.params)))
+    assert diff > 1e-6
