@@ -192,8 +192,14 @@ def format_report(metrics: dict) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-                       progress: bool = True) -> dict:
-    """Trains, checkpoints, resumes, evaluates; returns and writes the metrics."""
+                       progress: bool = True,
+                       schedule_overrides: dict[str, schedules.Schedule] | None = None) -> dict:
+    """Trains, checkpoints, resumes, evaluates; returns and writes the metrics.
+
+    ``schedule_overrides`` replaces schedules of :func:`make_schedules` (keys ``eps``,
+    ``alpha``, ``k``, ``lr``) with functions of the fractional epoch, e.g. one of your own:
+    ``train_and_evaluate(config, workdir, schedule_overrides={"eps": my_eps})``.
+    """
     validate_config(config)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -238,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             log(f"resumed from checkpoint at mini-batch {loop['batches']} in {workdir}")
     start = int(np.asarray(state.batches)[0])
 
-    scheds = make_schedules(config)
+    scheds = dict(make_schedules(config), **(schedule_overrides or {}))
     adversary = make_adversary(config)
     unroll = config.get("unroll_k", "auto")
     unroll = jax.default_backend() == "cpu" if unroll == "auto" else bool(unroll)
