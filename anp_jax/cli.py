@@ -44,20 +44,25 @@ def _parse(argv: list[str]):
                         flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file.",
-                                    flag_values=fv, lock_config=True)
     try:
+        # Overrides are read from ``sys_argv`` (and applied as soon as the default loads).
+        config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file.",
+                                        flag_values=fv, lock_config=True,
+                                        sys_argv=["anp-jax"] + argv)
         fv(["anp-jax"] + argv)
     except flags.Error as err:
         raise UsageError(str(err).splitlines()[0]) from None
     except (AttributeError, KeyError, ValueError, TypeError) as err:
-        raise UsageError(f"bad config override: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"bad config override (unknown field or value): "
+                         f"{str(err).splitlines()[0]}") from None
     if not fv.workdir:
         raise UsageError("--workdir is required")
+    config = fv.config
     try:
-        config = fv.config
-    except Exception as err:  # a config file that does not load
-        raise UsageError(f"cannot load config: {str(err).splitlines()[0]}") from None
+        config.to_dict()  # a config file that did not load is an error proxy that raises
+    except OSError:
+        raise UsageError(f"cannot load config file {fv['config'].config_filename!r}: "
+                         "no such file, or it has no get_config()") from None
     return fv, config
 
 

@@ -65,3 +65,9 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1
     assert "'mnist' not found" in err and str(empty) in err and "tfds build mnist" in err
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    assert cli.main(["train", f"--workdir={tmp_path}", "--config=/no/such/config.py"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "/no/such/config.py" in err

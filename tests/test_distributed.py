@@ -24,7 +24,7 @@ LAYERS = ("input", "conv1", "conv2")
 
 
 def _run_on(n_devices, batches):
-    model = VGG(depth=11, dropout=0.0, axis_name="batch")
+    model = VGG(depth=11, dropout=0.0, width=0.25, axis_name="batch")
     tx = train.make_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
     state = train.create_train_state(model, jax.random.PRNGKey(0),
                                      (GLOBAL_BATCH // n_devices, 8, 8, 3), tx,
@@ -80,7 +80,7 @@ def _numbers(metrics):
 
 
 def test_two_processes_match_one(data_dir, tmp_path):
-    args = ["train", "--config.num_epochs=1", *FAST]
+    args = ["train", "--config.num_epochs=0.5", *FAST]
     single = run_cli([*args, f"--workdir={tmp_path / 'single'}"], data_dir, devices=8)
     assert single.returncode == 0, single.stderr[-2000:]
     port = _free_port()

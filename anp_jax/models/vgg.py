@@ -28,6 +28,7 @@ class VGG(PerturbableModel):
 
     depth: int = 16
     dropout: float = 0.3
+    width: float = 1.0  # multiplies every convolution's channels
 
     def perturbation_points(self) -> tuple[str, ...]:
         convs = sum(1 for c in VGG_CONFIGS[self.depth] if c != "M")
@@ -43,7 +44,7 @@ class VGG(PerturbableModel):
                 x = nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
                 continue
             index += 1
-            x = nn.Conv(int(channels), (3, 3), dtype=self.dtype)(x)
+            x = nn.Conv(max(1, int(channels * self.width)), (3, 3), dtype=self.dtype)(x)
             x = self.perturb(f"conv{index}", x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              axis_name=self.axis_name, dtype=self.dtype)(x)
