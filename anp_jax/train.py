@@ -89,8 +89,10 @@ def create_train_state(model: nn.Module, rng: jax.Array, image_shape: tuple[int,
     """
     noise_tx = noise_tx or noise_lib.anp()
     init_rng, noise_rng, train_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": init_rng, "dropout": init_rng},
-                           jnp.zeros(image_shape, jnp.float32), train=False)
+    # Compiled once: initialising op by op is slow for deep models.
+    variables = jax.jit(lambda r: model.init({"params": r, "dropout": r},
+                                             jnp.zeros(image_shape, jnp.float32),
+                                             train=False))(init_rng)
     perturbations = variables.get(PERTURBATIONS, {})
     template = {name: jnp.zeros_like(perturbations[name]) for name in layers}
     params = variables["params"]

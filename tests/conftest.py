@@ -4,7 +4,9 @@ import os
 
 # Must happen before jax is imported anywhere: tests of pmap use 8 fake CPU devices.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           # Tests compile far more than they run: compile fast.
+                           + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import subprocess  # noqa: E402
