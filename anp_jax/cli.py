@@ -1,6 +1,7 @@
 """The ``anp-jax`` command.
 
     anp-jax train --workdir=DIR [--config=FILE] [--config.FIELD=VALUE ...]
+    anp-jax eval --workdir=DIR [...]      (see :mod:`anp_jax.report`)
 
 With no ``--config`` it trains the embedded default (``anp_jax/configs/default.py``).
 Several processes (multi-host): pass ``--coordinator_address``, ``--num_processes`` and
@@ -14,9 +15,11 @@ import os
 import sys
 
 USAGE = """usage: anp-jax train --workdir=DIR [--config=FILE] [--config.FIELD=VALUE ...]
+       anp-jax eval --workdir=DIR [--source_workdir=DIR2] [--baseline_workdir=DIR3] [--quick]
 
 commands:
   train   train (resuming from the newest checkpoint in DIR), evaluate, write DIR/metrics.json
+  eval    the full robustness report of the model in DIR, into DIR/metrics.json and DIR/report/
 
 options of train:
   --workdir=DIR              where checkpoints and metrics.json go (required)
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "eval":
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        from anp_jax import report
+
+        return report.main(rest)
     if command != "train":
         print(f"anp-jax: error: unknown command {command!r}; try 'anp-jax --help'",
               file=sys.stderr)
