@@ -32,10 +32,15 @@ class CheckpointError(Exception):
     """No usable checkpoint where one was expected."""
 
 
+def first_replica(x: jax.Array) -> np.ndarray:
+    """The copy on the first device of a replicated ``[devices, ...]`` array, on the host
+    (read from the shard itself: indexing the global array would compile a gather)."""
+    return np.asarray(x.addressable_shards[0].data)[0]
+
+
 def _host_tree(state: TrainState) -> dict:
     """The state as host arrays: replicated parts from device 0, registers from all."""
-    first = jax.tree.map(lambda x: np.asarray(x[0]) if hasattr(x, "shape") else x,
-                         state.replace(noise=None, adv_delta=None))
+    first = jax.tree.map(first_replica, state.replace(noise=None, adv_delta=None))
     return {
         "step": first.step, "batches": first.batches, "params": first.params,
         "batch_stats": first.batch_stats, "opt_state": first.opt_state, "rng": first.rng,

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from flax import jax_utils
 
+from anp_jax import augment as augment_lib
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
 from anp_jax import evaluate as eval_lib
@@ -90,6 +91,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.num_devices <= jax.local_device_count(), "num_devices",
          f"only {jax.local_device_count()} local devices")
     need(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    need(config.get("augment", "none") in augment_lib.AUGMENTATIONS, "augment",
+         f"choose from {', '.join(augment_lib.AUGMENTATIONS)}")
     try:
         points = create_model(config.model).perturbation_points()
         select_layers(config.anp.layers, points, config.model)
@@ -242,6 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, loop = restored
         if is_main:
             log(f"resumed from checkpoint at mini-batch {loop['batches']} in {workdir}")
+    # Give the state the sharding that pmap returns, so the step compiles only once.
+    state = jax.pmap(lambda s: s, devices=devices if process_count == 1 else None)(state)
     start = int(np.asarray(state.batches)[0])
 
     scheds = dict(make_schedules(config), **(schedule_overrides or {}))
@@ -250,15 +255,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     unroll = jax.default_backend() == "cpu" if unroll == "auto" else bool(unroll)
     compiled: dict[int | None, Callable] = {}
 
-    def p_step(state: train_lib.TrainState, batch: dict, hp: dict):
+    augment = augment_lib.get(config.get("augment", "none"))
+
+    def step_fn(state: train_lib.TrainState, batch: dict, hp: dict, rng: jax.Array,
+                k: int | None):
+        batch = augment_lib.augment_batch(augment, rng, batch, axis_name="batch")
+        return train_lib.train_step(state, batch, hp, axis_name="batch", static_k=k,
+                                    adversary=adversary)
+
+    def p_step(state: train_lib.TrainState, batch: dict, hp: dict, index: int):
         k = int(hp["k"]) if unroll else None
         if k not in compiled:
             compiled[k] = jax.pmap(
-                functools.partial(train_lib.train_step, axis_name="batch", static_k=k,
-                                  adversary=adversary),
-                axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,),
+                functools.partial(step_fn, k=k), axis_name="batch",
+                in_axes=(0, 0, None, None), donate_argnums=(0,),
                 devices=devices if process_count == 1 else None)
-        return compiled[k](state, batch, hp)
+        return compiled[k](state, batch, hp, augment_lib.batch_key(config.seed, index))
     pending: list[tuple[jax.Array, jax.Array]] = []
 
     def flush() -> None:
@@ -286,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             hp = hparams_at(scheds, i / per_epoch)
             batch = data_lib.train_batch(train_x, train_y, config.seed, i, config.batch_size,
                                          n_dev, process_index, process_count)
-            state, metrics = p_step(state, batch, hp)
+            state, metrics = p_step(state, batch, hp, i)
             pending.append((metrics["loss"][0], metrics["params_finite"][0]))
             if (i + 1) % per_epoch == 0:
                 flush()
@@ -310,8 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         flush()
     mngr.close()
 
-    params = jax_utils.unreplicate(state.params)
-    batch_stats = jax_utils.unreplicate(state.batch_stats)
+    params = jax.tree.map(ckpt_lib.first_replica, state.params)
+    batch_stats = jax.tree.map(ckpt_lib.first_replica, state.batch_stats)
     results = eval_lib.evaluate(
         state.apply_fn, params, batch_stats, test_x, test_y,
         attack_ids=tuple(config.eval.attacks), corruption_ids=tuple(config.eval.corruptions),

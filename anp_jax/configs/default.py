@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = "digits"
     config.data_dir = ""  # "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.download = False  # let TFDS download a data set that is not prepared
+    config.augment = "none"  # "none", "flip" or "pad_crop_flip" (on device, per example)
     config.model = "digits_cnn"
     # "vanilla", "anp", "replay" (k updates per mini-batch, no noise: ANP's control);
     # adversarial training "pgd_at", "trades", "fast_at", "free_at"; with ANP "anp_pgd_at",
