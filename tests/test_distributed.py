@@ -80,7 +80,7 @@ def _numbers(metrics):
 
 
 def test_two_processes_match_one(data_dir, tmp_path):
-    args = ["train", "--config.num_epochs=0.5", *FAST]
+    args = ["train", "--config.num_epochs=1", *FAST]
     single = run_cli([*args, f"--workdir={tmp_path / 'single'}"], data_dir, devices=8)
     assert single.returncode == 0, single.stderr[-2000:]
     port = _free_port()
