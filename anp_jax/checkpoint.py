@@ -35,7 +35,7 @@ class CheckpointError(Exception):
 def first_replica(x: jax.Array) -> np.ndarray:
     """The copy on the first device of a replicated ``[devices, ...]`` array, on the host
     (read from the shard itself: indexing the global array would compile a gather)."""
-    return np.asarray(x.addressable_shards[0].data)[0]
+    return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
 
 
 def _host_tree(state: TrainState) -> dict:
