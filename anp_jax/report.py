@@ -595,6 +595,36 @@ def corruption_accuracies(ev: Evaluator, run: Run, plan: Plan) -> dict[str, floa
     return {cid: acc for name in plan.corruptions for cid, acc in one(name).items()}
 
 
+def tfds_corruption_accuracies(ev: Evaluator, run: Run, names: Sequence[str],
+                               severities: Sequence[int], family: str = "cifar10_corrupted",
+                               data_dir: str | None = None) -> dict:
+    """Accuracy on the corrupted test sets of TFDS (``family/<name>_<severity>``, for
+    CIFAR-10 the original CIFAR-10-C images of Hendrycks & Dietterich) that are prepared in
+    ``data_dir``; the ids that are not are listed under ``unavailable`` (never downloaded
+    here: the report must not depend on the network)."""
+    import numpy as np
+
+    from anp_jax import data as data_lib
+
+    accuracy, unavailable = {}, []
+    for name in names:
+        for severity in severities:
+            cid = f"{name}_{severity}"
+            try:
+                images, labels = data_lib.load_split(f"{family}/{cid}", "test", data_dir,
+                                                     False)
+            except data_lib.DatasetError:
+                unavailable.append(cid)
+                continue
+            other = Evaluator(images, labels, ev.batch_size, ev.devices)
+            other._programs = ev._programs  # same model, same program
+            accuracy[cid] = float(np.mean(other.predictions(run) == other.labels()))
+    out: dict[str, Any] = {"dataset": family, "accuracy": accuracy, "unavailable": unavailable}
+    if accuracy:
+        out["mean_accuracy"] = sum(accuracy.values()) / len(accuracy)
+    return out
+
+
 def _mean(values: Sequence[float]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -797,6 +827,10 @@ def make_report(workdir: str, source_workdir: str | None = None,
         if baseline_workdir is not None:
             out["baseline_workdir"] = baseline_workdir
             out["baseline_source"] = origin
+        if run.config["dataset"] == "cifar10":  # the original CIFAR-10-C too, when prepared
+            out["tfds"] = tfds_corruption_accuracies(
+                ev, run, plan.corruptions, plan.severities, "cifar10_corrupted",
+                run.config.get("data_dir") or None)
         return out
 
     corruption = timed("corruptions", corruptions_section)
@@ -985,6 +1019,15 @@ def format_report(report: dict, workdir: str) -> str:
         summary += (f"; normalised mCE {fmt(c['normalized_mce'])}, relative mCE "
                     f"{fmt(c['relative_mce'])} (baseline {c['baseline_workdir']})")
     lines += [summary, ""]
+    t = c.get("tfds")
+    if t:
+        if t["accuracy"]:
+            lines.append(f"TFDS {t['dataset']}: mean accuracy {t['mean_accuracy']:.4f} over "
+                         f"{len(t['accuracy'])} prepared set(s)")
+        if t["unavailable"]:
+            lines.append(f"TFDS {t['dataset']}: {len(t['unavailable'])} set(s) not prepared "
+                         "in the data dir (not evaluated)")
+        lines.append("")
     s = report["stability"]
     lines.append(f"flip probability over {s['num_frames']} frames: " + ", ".join(
         f"{k} {v:.4f}" for k, v in s["flip_probability"].items()) + f"; mFP {s['mfp']:.4f}")

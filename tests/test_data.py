@@ -286,6 +286,28 @@ def test_cifar10_corrupted_trains_on_cifar10(fake):
     assert sorted(y) == sorted(fake["test"][1])
 
 
+def test_report_evaluates_prepared_cifar10_c(fake):
+    """The report's TFDS CIFAR-10-C section: accuracy on each prepared set equals the
+    model's accuracy on the original .npy images, computed directly; the rest is listed
+    as not prepared."""
+    from anp_jax import report
+
+    model = create_model("digits_cnn", num_classes=10)
+    x0 = np.zeros((1, 32, 32, 3), np.float32)
+    variables = dict(model.init(jax.random.PRNGKey(3), x0, train=False))
+    run = report.Run("-", {}, {"dataset": "cifar10"}, model, variables, 0, (32, 32, 3), 10)
+    test_x, test_y = fake["test"]
+    ev = report.Evaluator(test_x.astype(np.float32) / 255, test_y, 8, jax.local_devices()[:2])
+    out = report.tfds_corruption_accuracies(ev, run, ["gaussian_noise", "fog"], (2, 3),
+                                            data_dir=fake["dir"])
+    assert sorted(out["unavailable"]) == ["fog_2", "fog_3", "gaussian_noise_2"]
+    images = fake["corrupted"][2 * N_TEST:3 * N_TEST].astype(np.float32) / 255
+    pred = np.argmax(model.apply(variables, images, train=False), -1)
+    expected = float(np.mean(pred == test_y))  # labels.npy holds the test labels per severity
+    assert out["accuracy"] == {"gaussian_noise_3": pytest.approx(expected, abs=1e-6)}
+    assert out["mean_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # Pipelines
 

@@ -1,0 +1,190 @@
+"""The experiment scripts and the Colab notebook run end to end with tiny settings.
+
+Each script's ``main`` trains 1 epoch on 1 seed with a minimal evaluation (FGSM, a 2-step
+PGD and one corruption) and must write its Markdown table, its plots and its JSON of
+per-seed numbers. The notebook is executed top to bottom with nbclient (install cell
+skipped, 1 epoch per run) and must produce its plot.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# In-process runs: two of the eight fake devices (the CPU has two cores) and no persistent
+# compilation cache (a process-wide setting the other tests should not inherit).
+TINY = ["--seeds", "0", "--epochs", "1", "--attacks", "fgsm_linf_0.1,pgd2_linf_0.1",
+        "--corruptions", "gaussian_noise_3", "--set", "num_devices=2", "--no-compile-cache"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _outputs(out, plots):
+    md = (out / "results.md").read_text()
+    assert md.startswith("# ") and "|---|" in md
+    assert "command: `python -m experiments." in md
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == [0] and data["epochs"] == 1
+    for plot in plots:
+        assert (out / plot).read_bytes()[:8] == PNG, plot
+        assert f"]({plot})" in md
+    for run in data["runs"]:
+        assert run["seed"] == 0 and 0.0 <= run["clean"] <= 1.0
+    return md, data
+
+
+def _names(data):
+    return {run["name"] for run in data["runs"]}
+
+
+def test_methods(data_dir, tmp_path):
+    from experiments import methods
+
+    out = tmp_path / "methods"
+    args = ["--out", str(out), *TINY, "--methods", "anp,vanilla,replay"]
+    assert methods.main(args) == 0
+    md, data = _outputs(out, ["accuracy.png", "delta.png"])
+    assert _names(data) == {"vanilla", "replay", "anp"}
+    runs = {r["name"]: r for r in data["runs"]}
+    assert runs["replay"]["steps"] == 2 * runs["vanilla"]["steps"] == runs["anp"]["steps"]
+    assert set(runs["anp"]["adversarial"]) == {"fgsm_linf_0.1", "pgd2_linf_0.1"}
+    assert runs["anp"]["pgd"] == runs["anp"]["adversarial"]["pgd2_linf_0.1"]
+    assert runs["anp"]["corruption"] == runs["anp"]["corruptions"]["gaussian_noise_3"]
+    assert "Δ PGD vs replay" in md and "ANP vs replay, PGD accuracy" in md
+    assert md.index("`vanilla`") < md.index("`replay`") < md.index("`anp`")
+
+    # A second call finds every run done and trains nothing.
+    metrics = sorted(out.glob("runs/*/metrics.json"))
+    assert len(metrics) == 3
+    stamps = [p.stat().st_mtime_ns for p in metrics]
+    assert methods.main(args) == 0
+    assert [p.stat().st_mtime_ns for p in metrics] == stamps
+
+
+def test_layers(data_dir, tmp_path):
+    from experiments import layers
+
+    assert layers.selections(("input", "conv1", "conv2", "fc1")) == [
+        ("anp:input", "input"), ("anp:conv1", "conv1"), ("anp:conv2", "conv2"),
+        ("anp:fc1", "fc1"), ("anp:shallow 2", "shallow 2"), ("anp:deep 2", "deep 2"),
+        ("anp:all", "all")]
+    assert layers.selections(("a", "b", "c"))[3:5] == [("anp:shallow 2", "shallow 2"),
+                                                       ("anp:deep 1", "deep 1")]
+    out = tmp_path / "layers"
+    assert layers.main(["--out", str(out), *TINY, "--points", "conv1"]) == 0
+    md, data = _outputs(out, ["gain.png", "accuracy.png"])
+    assert _names(data) == {"vanilla", "replay", "anp:conv1", "anp:shallow 2", "anp:deep 2",
+                            "anp:all"}
+    runs = {r["name"]: r for r in data["runs"]}
+    assert runs["anp:shallow 2"]["perturbed_layers"] == ["input", "conv1"]
+    assert runs["anp:deep 2"]["perturbed_layers"] == ["conv2", "fc1"]
+    assert runs["replay"]["perturbed_layers"] == []
+    assert "shallow half minus deep half" in md and "clean cost vs vanilla" in md
+
+
+def test_hparams(data_dir, tmp_path):
+    from experiments import hparams
+
+    assert hparams.plan({"eps": [0.5, 1.0], "alpha": [0.5], "k": [1, 2]}, (1.0, 0.5, 2)) == [
+        (1.0, 0.5, 2), (0.5, 0.5, 2), (1.0, 0.5, 1)]
+    out = tmp_path / "hparams"
+    args = ["--out", str(out), *TINY, "--eps", "0.5", "--alpha", "0.5", "--k", "2"]
+    assert hparams.main(args) == 0
+    md, data = _outputs(out, ["sweeps.png"])
+    assert _names(data) == {"replay k=2", "anp eps=1 alpha=0.5 k=2", "anp eps=0.5 alpha=0.5 k=2"}
+    assert "### eps" in md and "### alpha" in md and "### k" in md
+
+
+def test_schedules(data_dir, tmp_path):
+    from anp_jax.trainer import make_schedules
+    from experiments import common, schedules
+
+    config = common.load_config(None)
+    config.num_epochs = 4
+    fn = schedules.user_eps_schedule(4, 1.0)
+    assert float(fn(0.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(fn(2.0)) == pytest.approx(1.0 * 3.14159265 / 2, rel=1e-5)
+    table = make_schedules(schedules.as_piecewise(config, fn, 4))
+    assert float(table["eps"](2.5)) == pytest.approx(float(fn(2.5)), rel=1e-5)
+    assert int(table["k"](2.5)) == config.anp.k
+
+    out = tmp_path / "schedules"
+    assert schedules.main(["--out", str(out), *TINY, "--schedules", "constant,user"]) == 0
+    md, data = _outputs(out, ["schedules.png", "accuracy.png"])
+    assert _names(data) == {"constant", "user", "vanilla", "replay k=2"}
+    assert "def user_eps_schedule" in md
+    runs = {r["name"]: r for r in data["runs"]}
+    assert runs["user"]["clean"] != runs["constant"]["clean"] or \
+        runs["user"]["pgd"] != runs["constant"]["pgd"]
+
+
+def test_cost(data_dir, tmp_path):
+    from experiments import cost
+
+    out = tmp_path / "cost"
+    assert cost.main(["--out", str(out), *TINY, "--epochs", "2", "--methods", "anp"]) == 0
+    md = (out / "results.md").read_text()
+    data = json.loads((out / "results.json").read_text())
+    assert (out / "cost.png").read_bytes()[:8] == PNG
+    runs = {r["name"]: r for r in data["runs"]}
+    assert set(runs) == {"vanilla", "anp"}
+    for run in runs.values():
+        assert len(run["cumulative_seconds"]) == 2 and run["seconds_per_epoch"] > 0
+    assert runs["vanilla"]["relative_cost"] == pytest.approx(1.0)
+    assert runs["anp"]["relative_cost"] > 0
+    assert "relative to vanilla" in md
+
+
+def test_common_helpers():
+    from experiments import common
+
+    assert common.fmt([0.5]) == "0.500"
+    assert common.fmt([0.5, 0.7]) == "0.600 ± 0.141"
+    assert common.fmt([0.1, 0.3], signed=True) == "+0.200 ± 0.141"
+    assert common.fmt([]) == "n/a"
+    assert common.verdict([0.1, 0.11, 0.09, 0.1, 0.1]) == "higher"
+    assert common.verdict([0.1, -0.1, 0.05, -0.05]) == "within spread"
+    config = common.load_config(None)
+    common.apply_override(config, "anp.epsilon=2.5")
+    common.apply_override(config, "anp.layers=shallow 2")
+    assert config.anp.epsilon == 2.5 and config.anp.layers == "shallow 2"
+    with pytest.raises(SystemExit):
+        common.apply_override(config, "anp.nonsense=1")
+    assert len(common.corruption_ids("all", config)) == 19
+    assert common.corruption_ids("all:5", config)[0] == "gaussian_noise_5"
+    assert common.corruption_ids("config", config) == tuple(config.eval.corruptions)
+    v = common.variant(config, method="replay", anp__k=3)
+    assert (v.method, v.anp.k, config.anp.k) == ("replay", 3, 2)
+
+
+def test_notebook(data_dir, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    out = tmp_path / "out"
+    monkeypatch.setenv("ANP_SKIP_INSTALL", "1")
+    monkeypatch.setenv("ANP_NOTEBOOK_EPOCHS", "1")
+    monkeypatch.setenv("ANP_NOTEBOOK_OUT", str(out))
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
+    nb = nbformat.read(os.path.join(ROOT, "experiments", "anp_in_colab.ipynb"), as_version=4)
+    install = next(c for c in nb.cells if c.cell_type == "code")
+    assert "%pip install" in install.source and "ANP_SKIP_INSTALL" in install.source
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    assert (out / "schedules.png").read_bytes()[:8] == PNG
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, "the plot cell shows no figure"
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    assert "nothing to install" in text and "== constant" in text
+    assert "== linear warm-up" in text
