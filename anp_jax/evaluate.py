@@ -8,7 +8,7 @@ the counts are summed over batches and devices, so each example counts exactly o
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,17 +107,38 @@ def evaluate(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: np
     devices = list(devices or jax.local_devices())
     n_dev = len(devices)
     batch_size = -(-batch_size // n_dev) * n_dev
+    return evaluate_batches(apply_fn, params, batch_stats,
+                            data_lib.eval_batches(images, labels, batch_size, n_dev),
+                            attack_ids=attack_ids, corruption_ids=corruption_ids, seed=seed,
+                            devices=devices)
+
+
+def evaluate_batches(apply_fn: Callable, params: PyTree, batch_stats: PyTree,
+                     batches: Iterable[dict], *, attack_ids: Sequence[str] = (),
+                     corruption_ids: Sequence[str] = (), seed: int = 0,
+                     devices: Sequence[jax.Device] | None = None) -> dict:
+    """:func:`evaluate` over ``batches`` of ``{"image", "label", "mask"}`` shaped
+    ``[devices, per_device, ...]`` (``input_pipeline`` sources' ``eval_batches()``).
+
+    ``devices=None`` runs over every device of every process (multi-host: each process
+    gives the batches of its own shard, the same number of them on every process, and the
+    counts are summed over all processes); otherwise over ``devices`` of this process.
+    """
     p_eval = jax.pmap(functools.partial(
         _eval_batch, apply_fn=apply_fn, attack_ids=tuple(attack_ids),
         corruption_ids=tuple(corruption_ids), axis_name="batch"),
-        axis_name="batch", in_axes=(None, None, 0, None), devices=devices)
+        axis_name="batch", in_axes=(None, None, 0, None),
+        devices=list(devices) if devices is not None else None)
     totals: dict[str, float] = {}
     rng = jax.random.PRNGKey(seed)
-    for i, batch in enumerate(data_lib.eval_batches(images, labels, batch_size, n_dev)):
+    for i, batch in enumerate(batches):
         counts = p_eval(params, batch_stats, batch, jax.random.fold_in(rng, i))
         for key, value in counts.items():
-            totals[key] = totals.get(key, 0.0) + float(np.asarray(value)[0])
-    count = totals["count"]
+            totals[key] = totals.get(key, 0.0) + float(np.asarray(value.addressable_shards[0]
+                                                                  .data).reshape(()))
+    count = totals.get("count", 0.0)
+    if not count:
+        raise ValueError("evaluation split is empty")
     return {
         "clean_accuracy": totals["clean"] / count,
         "loss": totals["loss_sum"] / count,

@@ -147,11 +147,14 @@ class _Source:
         raise NotImplementedError
 
     def train_iter(self, start: int = 0, prefetch: int = 2,
-                   devices: Sequence[Any] | None = None) -> Iterator[dict]:
-        """Training batches ``start, start + 1, ...``, sharded over ``devices`` (default: the
-        first ``num_devices`` local devices, pmap's order) and prefetched ``prefetch``
-        batches ahead; with ``prefetch=0``, host numpy batches."""
-        batches = (self.train_batch(i) for i in itertools.count(start))
+                   devices: Sequence[Any] | None = None,
+                   stop: int | None = None) -> Iterator[dict]:
+        """Training batches ``start, start + 1, ...`` (up to ``stop``, excluded, if given),
+        sharded over ``devices`` (default: the first ``num_devices`` local devices, pmap's
+        order) and prefetched ``prefetch`` batches ahead; with ``prefetch=0``, host numpy
+        batches."""
+        indices = itertools.count(start) if stop is None else range(start, stop)
+        batches = (self.train_batch(i) for i in indices)
         if not prefetch:
             return batches
         import jax

@@ -25,6 +25,7 @@ from flax import jax_utils
 from anp_jax import augment as augment_lib
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
+from anp_jax import input_pipeline
 from anp_jax import evaluate as eval_lib
 from anp_jax import noise as noise_lib
 from anp_jax import schedules
@@ -213,22 +214,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise ConfigError(f"config.batch_size={config.batch_size}: must be a multiple of the "
                           f"{n_dev * process_count} devices")
     spec = data_lib.get_spec(config.dataset)
-    data_dir = config.data_dir or None
-    train_x, train_y = data_lib.load_split(config.dataset, spec.train_split, data_dir,
-                                           config.download)
-    test_x, test_y = data_lib.load_split(config.dataset, spec.test_split, data_dir,
-                                         config.download)
-    per_epoch = data_lib.steps_per_epoch(len(train_x), config.batch_size)
-    if per_epoch < 1:
-        raise ConfigError(f"config.batch_size={config.batch_size}: larger than the "
-                          f"{len(train_x)} training examples")
+    source = input_pipeline.create_source(config, spec, n_dev, process_index, process_count)
+    per_epoch = source.steps_per_epoch
     total = int(round(config.num_epochs * per_epoch))
 
-    model = create_model(config.model, num_classes=spec.num_classes, axis_name="batch")
+    standardise = {f: tuple(config.get(f)) for f in ("mean", "std") if config.get(f)}
+    model = create_model(config.model, num_classes=spec.num_classes, axis_name="batch",
+                         **standardise)
     layers = selected_layers(config, model.perturbation_points())
     per_device = config.batch_size // (n_dev * process_count)
     state = train_lib.create_train_state(
-        model, jax.random.PRNGKey(config.seed), (per_device,) + tuple(train_x.shape[1:]),
+        model, jax.random.PRNGKey(config.seed), (per_device,) + tuple(source.image_shape),
         train_lib.make_optimizer(config.optimizer, config.momentum, config.weight_decay),
         build_noise_transform(config), layers, config.anp.reset_per_batch)
     state = jax_utils.replicate(state, devices)
@@ -293,11 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    mininterval=1.0, file=sys.stderr)
     t0 = time.perf_counter()
     i = start
+    batches = source.train_iter(start, prefetch=config.get("prefetch_batches", 2),
+                                devices=devices, stop=total)
     try:
         for i in range(start, total):
             hp = hparams_at(scheds, i / per_epoch)
-            batch = data_lib.train_batch(train_x, train_y, config.seed, i, config.batch_size,
-                                         n_dev, process_index, process_count)
+            batch = next(batches)
             state, metrics = p_step(state, batch, hp, i)
             pending.append((metrics["loss"][0], metrics["params_finite"][0]))
             if (i + 1) % per_epoch == 0:
@@ -324,10 +321,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     params = jax.tree.map(ckpt_lib.first_replica, state.params)
     batch_stats = jax.tree.map(ckpt_lib.first_replica, state.batch_stats)
-    results = eval_lib.evaluate(
-        state.apply_fn, params, batch_stats, test_x, test_y,
+    results = eval_lib.evaluate_batches(
+        state.apply_fn, params, batch_stats, source.eval_batches(),
         attack_ids=tuple(config.eval.attacks), corruption_ids=tuple(config.eval.corruptions),
-        batch_size=config.eval.batch_size, seed=config.seed, devices=devices)
+        seed=config.seed, devices=devices if process_count == 1 else None)
     final_loss = loop["last_epoch_loss"]
     if not math.isfinite(final_loss) and loop["epoch_batches"]:
         final_loss = loop["epoch_loss_sum"] / loop["epoch_batches"]

@@ -96,6 +96,9 @@ def test_two_processes_match_one(data_dir, tmp_path):
     assert a["num_devices"] == b["num_devices"] == 8 and b["num_processes"] == 2
     np.testing.assert_allclose(b["final_train_loss"], a["final_train_loss"], rtol=1e-4)
     assert abs(a["clean_accuracy"] - b["clean_accuracy"]) <= 1 / 359
+    # Each process evaluated its own half of the test split; the counts were summed over
+    # both processes, every example once.
+    assert a["num_test_examples"] == b["num_test_examples"] == 359
 
 
 RESUMABLE = ["train", "--config.num_epochs=4", "--config.checkpoint_every_steps=8", *FAST]
