@@ -183,6 +183,7 @@ def _config_value(config: dict, key: str, path: str, kind: type | tuple[type, ..
 def build_model(config: dict, path: str = "metrics.json"):
     """The Flax module, image shape and number of classes of a stored config."""
     from anp_jax import data as data_lib
+    from anp_jax import trainer
     from anp_jax.models import MODELS, create_model
 
     dataset = _config_value(config, "dataset", path, str)
@@ -192,13 +193,19 @@ def build_model(config: dict, path: str = "metrics.json"):
     if name not in MODELS:
         raise ReportError(f"{path}: unknown model {name!r}")
     spec = data_lib.DATASETS[dataset]
-    key = (name, spec.num_classes)
+    if config.get("dtype", "float32") not in trainer.DTYPES:
+        raise ReportError(f"{path}: unknown dtype {config.get('dtype')!r}")
+    options = trainer.model_options(config)
+    key = (name, spec.num_classes, *sorted((k, str(v)) for k, v in options.items()))
     if key not in _MODELS:  # one module per architecture: runs that share it share programs
-        _MODELS[key] = create_model(name, num_classes=spec.num_classes)
-    return _MODELS[key], spec.image_shape, spec.num_classes
+        _MODELS[key] = create_model(name, num_classes=spec.num_classes, **options)
+    h, w, c = spec.image_shape
+    size = config.get("image_size") or 0
+    image_shape = (size, size, c) if spec.streaming and size else (h, w, c)
+    return _MODELS[key], image_shape, spec.num_classes
 
 
-_MODELS: dict[tuple[str, int], Any] = {}
+_MODELS: dict[tuple, Any] = {}
 
 
 def _shapes(tree: PyTree) -> PyTree:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import jax_utils
@@ -25,10 +26,9 @@ from flax import jax_utils
 from anp_jax import augment as augment_lib
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
-from anp_jax import input_pipeline
 from anp_jax import evaluate as eval_lib
+from anp_jax import input_pipeline, schedules
 from anp_jax import noise as noise_lib
-from anp_jax import schedules
 from anp_jax import train as train_lib
 from anp_jax.adversarial import Adversary
 from anp_jax.models import MODELS, create_model, select_layers
@@ -46,6 +46,21 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example, a non-finite loss)."""
+
+
+# Compute dtypes: "bfloat16" is mixed precision (activations, noise registers and matrix
+# multiplies in bfloat16; parameters, optimiser state and the loss in float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_options(config: ml_collections.ConfigDict | dict) -> dict:
+    """The model's keyword arguments set by a config (or its stored dict): the compute
+    ``dtype`` and the standardisation ``mean``/``std``."""
+    out = {"dtype": DTYPES[config.get("dtype") or "float32"]}
+    for field in ("mean", "std"):
+        if config.get(field):
+            out[field] = tuple(float(v) for v in config.get(field))
+    return out
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -92,6 +107,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.num_devices <= jax.local_device_count(), "num_devices",
          f"only {jax.local_device_count()} local devices")
     need(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    need(config.get("dtype", "float32") in DTYPES, "dtype", f"choose from {', '.join(DTYPES)}")
+    need(config.get("input_pipeline", "auto") in input_pipeline.PIPELINES, "input_pipeline",
+         f"choose from {', '.join(input_pipeline.PIPELINES)}")
+    need(config.get("image_size", 0) >= 0, "image_size", "must be >= 0 (0: the data set's)")
+    need(config.get("prefetch_batches", 2) >= 0, "prefetch_batches", "must be >= 0")
+    need(len(config.get("mean", ())) in (0, 1, 3) and len(config.get("std", ())) in (0, 1, 3)
+         and all(v > 0 for v in config.get("std", ())), "std",
+         "mean and std need 0, 1 or 3 values, std > 0")
     need(config.get("augment", "none") in augment_lib.AUGMENTATIONS, "augment",
          f"choose from {', '.join(augment_lib.AUGMENTATIONS)}")
     try:
@@ -218,9 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     per_epoch = source.steps_per_epoch
     total = int(round(config.num_epochs * per_epoch))
 
-    standardise = {f: tuple(config.get(f)) for f in ("mean", "std") if config.get(f)}
     model = create_model(config.model, num_classes=spec.num_classes, axis_name="batch",
-                         **standardise)
+                         **model_options(config))
     layers = selected_layers(config, model.perturbation_points())
     per_device = config.batch_size // (n_dev * process_count)
     state = train_lib.create_train_state(

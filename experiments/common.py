@@ -274,6 +274,12 @@ class Runner:
                 kwargs["schedule_overrides"] = dict(schedule_overrides)
             metrics = train_and_evaluate(config, workdir, log=lambda m: None, progress=False,
                                          **kwargs)
+            # Free the run's compiled programs: XLA:CPU keeps every executable's code in a
+            # limited JIT memory, and a script compiles dozens of runs in one process
+            # ("LLVM ERROR: Unable to allocate section memory" otherwise).
+            import jax
+
+            jax.clear_caches()
             with open(key_path, "w") as f:
                 json.dump(key, f, indent=1)
             cached = ""

@@ -38,6 +38,8 @@ def test_train_end_to_end(data_dir, tmp_path):
     ("--config.model=alexnet", "model"),
     ("--config.dataset=svhn", "dataset"),
     ("--config.method=magic", "method"),
+    ("--config.dtype=float16", "dtype"),
+    ("--config.input_pipeline=fast", "input_pipeline"),
     ("--config.eval.attacks=('pgd10_l7_0.1',)", "pgd10_l7_0.1"),
 ])
 def test_config_errors_are_one_line(override, culprit, tmp_path, capsys):

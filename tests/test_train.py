@@ -185,3 +185,29 @@ def test_pmap_single_device_matches_jit(model):
     got, _ = p_step(rep, jax.tree.map(lambda x: x[None], batch), hp)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6),
                  got.params, expected.params)
+
+
+def test_mixed_precision_registers_are_bf16_and_match_float32(model):
+    """``dtype=bfloat16``: the noise (registers and injection) has the activations' bf16
+    dtype and size, parameters and optimiser state stay float32, and the registers point
+    the same way as the hand-written float32 computation's."""
+    layers = ("input", "conv1", "fc1")
+    bf16 = DigitsCNN(width=8, dtype=jnp.bfloat16)
+    state = _state(bf16, layers)
+    batch = _batch()
+    new_state, metrics = _step(state, batch, {"eps": 0.7, "alpha": 0.6, "k": 1, "lr": LR})
+    registers = new_state.noise.transform[1].register
+    captured = {}
+    _manual_forward(state.params, batch["image"], {}, captured)
+    for p in layers:
+        assert registers[p].dtype == jnp.bfloat16 == new_state.noise.injection[p].dtype
+        assert registers[p].shape == captured[p].shape  # no larger than the activation
+        expected = _normalise(_grad_at_point(state.params, batch, {}, p), "l2")
+        got = np.asarray(registers[p], np.float32).reshape(B, -1)
+        want = np.asarray(expected).reshape(B, -1)
+        cos = np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() > 0.99, (p, cos)
+    for leaf in jax.tree.leaves((new_state.params, new_state.opt_state)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32
+    assert np.isfinite(float(metrics["loss"]))

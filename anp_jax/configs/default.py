@@ -13,6 +13,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.download = False  # let TFDS download a data set that is not prepared
     config.augment = "none"  # "none", "flip" or "pad_crop_flip" (on device, per example)
+    # "auto" (in memory for the small sets, tf.data streaming for ImageNet), "memory", "stream"
+    config.input_pipeline = "auto"
+    config.image_size = 0  # streaming sets: crop size (0: the data set's, 224 for ImageNet)
+    config.shuffle_buffer_size = 10_000  # streaming sets
+    config.prefetch_batches = 2  # batches put on the devices ahead of the step
+    config.mean = ()  # standardisation inside the model (pixels stay in [0, 1]): (), (m,)
+    config.std = ()  # or (r, g, b)
+    # "float32", or "bfloat16": mixed precision (bf16 activations, matmuls and noise
+    # registers; float32 parameters, optimiser state and loss)
+    config.dtype = "float32"
     config.model = "digits_cnn"
     # "vanilla", "anp", "replay" (k updates per mini-batch, no noise: ANP's control);
     # adversarial training "pgd_at", "trades", "fast_at", "free_at"; with ANP "anp_pgd_at",
