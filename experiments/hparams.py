@@ -43,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alpha", default=DEFAULT_ALPHA,
                    help=f"alpha values (default {DEFAULT_ALPHA})")
     p.add_argument("--k", default=DEFAULT_K, help=f"k values (default {DEFAULT_K})")
+    p.add_argument("--alpha-k", type=int, default=None,
+                   help="k of the alpha sweep (default: the config's k, at least 3; alpha "
+                        "only acts from the third progressive step on when the registers "
+                        "are reset per mini-batch)")
     args, settings = common.parse(p, argv, "hparams", DEFAULT_EPOCHS)
     try:
         grids = {"eps": _floats(args.eps), "alpha": _floats(args.alpha),
@@ -58,7 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.base.anp.schedule = "constant"
     a = settings.base.anp
     default = (float(a.epsilon), float(a.alpha), int(a.k))
-    runs = plan(grids, default)
+    alpha_k = args.alpha_k or max(3, default[2])
+    if alpha_k < 1:
+        p.error("--alpha-k must be >= 1")
+    runs = plan(grids, default, alpha_k)
 
     runner = common.Runner(settings)
     for seed in settings.seeds:
@@ -70,37 +77,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.run(anp_name(eps, alpha, k), common.variant(
                 settings.base, method="anp", anp__epsilon=eps, anp__alpha=alpha, anp__k=k),
                 seed, eps=eps, alpha=alpha, k=k)
-        report(runner, settings, grids, default)
+        report(runner, settings, grids, default, alpha_k)
     return 0
 
 
-def plan(grids: dict[str, list], default: tuple[float, float, int]) -> list[tuple]:
-    """The distinct (eps, alpha, k) of the three one-at-a-time sweeps, default included."""
-    runs = [default]
-    for i, key in enumerate(("eps", "alpha", "k")):
-        for v in grids[key]:
-            point = list(default)
-            point[i] = v
-            if tuple(point) not in runs:
-                runs.append(tuple(point))
-    return runs
-
-
-def sweep_points(grids, default, key) -> list[tuple]:
+def sweep_points(grids, default, key, alpha_k: int) -> list[tuple]:
+    """``(eps, alpha, k)`` of one sweep: the default with ``key`` varied (the alpha sweep
+    at ``k = alpha_k``), the default value included."""
     i = ("eps", "alpha", "k").index(key)
-    values = sorted(set(grids[key]) | {default[i]})
+    base = list(default)
+    if key == "alpha":
+        base[2] = alpha_k
     out = []
-    for v in values:
-        point = list(default)
+    for v in sorted(set(grids[key]) | {default[i]}):
+        point = list(base)
         point[i] = v
         out.append(tuple(point))
     return out
 
 
-def report(runner: common.Runner, settings: common.Settings, grids, default) -> None:
+def plan(grids: dict[str, list], default: tuple[float, float, int],
+         alpha_k: int) -> list[tuple]:
+    """The distinct (eps, alpha, k) of the three one-at-a-time sweeps, default included."""
+    runs = [default]
+    for key in ("eps", "alpha", "k"):
+        runs += [p for p in sweep_points(grids, default, key, alpha_k) if p not in runs]
+    return runs
+
+
+def report(runner: common.Runner, settings: common.Settings, grids, default,
+           alpha_k: int) -> None:
     sections = ["## One-at-a-time sweeps (equal epochs)",
                 f"Default: eps {default[0]:g}, alpha {default[1]:g}, k {default[2]}. The "
-                "control of a run with k steps is replay with that k (k = 1: vanilla)."]
+                "control of a run with k steps is replay with that k (k = 1: vanilla). "
+                f"The alpha sweep runs at k = {alpha_k}: with registers reset per "
+                "mini-batch, alpha first acts at the third progressive step (the register "
+                "is 0 before the first step, and the second step's noise is the first "
+                "gradient alone), so at k <= 2 every alpha trains the same model. For the "
+                "same reason ANP with k = 1 is vanilla training exactly."]
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     names = []
@@ -108,13 +122,13 @@ def report(runner: common.Runner, settings: common.Settings, grids, default) -> 
         i = ("eps", "alpha", "k").index(key)
         rows = []
         xs, curves = [], {"clean": [], "PGD": [], "mean corruption": []}
-        for point in sweep_points(grids, default, key):
+        for point in sweep_points(grids, default, key, alpha_k):
             name = anp_name(*point)
             if name not in runner.records:
                 continue
             names.append(name)
             ctrl = replay_name(point[2])
-            rows.append([f"{point[i]:g}" + (" (default)" if point == default else ""),
+            rows.append([f"{point[i]:g}" + (" (default)" if point[i] == default[i] else ""),
                          *common.accuracy_columns(runner, name),
                          common.fmt(runner.deltas(name, ctrl, "pgd"), signed=True),
                          common.fmt(runner.deltas(name, ctrl, "corruption"), signed=True),
@@ -141,15 +155,16 @@ def report(runner: common.Runner, settings: common.Settings, grids, default) -> 
                 ax.errorbar(ks, [s[0] for s in st], yerr=[s[1] for s in st], marker="s",
                             linestyle="--", capsize=3, color=color, alpha=0.6,
                             label=f"replay {label}")
-        elif replay_name(default[2]) in runner.records:
+        elif replay_name(xk := alpha_k if key == "alpha" else default[2]) in runner.records:
             for metric, color in (("clean", "C0"), ("pgd", "C1"), ("corruption", "C2")):
-                m, _ = common.mean_std(runner.values(replay_name(default[2]), metric))
+                m, _ = common.mean_std(runner.values(replay_name(xk), metric))
                 ax.axhline(m, color=color, linestyle="--", alpha=0.6)
         if key == "eps" and xs and min(xs) > 0:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(key)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{key} swept (dashed: replay control)")
+        ax.set_title(f"{key} swept" + (f" at k={alpha_k}" if key == "alpha" else "")
+                     + " (dashed: replay control)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)

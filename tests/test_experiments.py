@@ -89,10 +89,15 @@ def test_layers(data_dir, tmp_path):
 def test_hparams(data_dir, tmp_path):
     from experiments import hparams
 
-    assert hparams.plan({"eps": [0.5, 1.0], "alpha": [0.5], "k": [1, 2]}, (1.0, 0.5, 2)) == [
-        (1.0, 0.5, 2), (0.5, 0.5, 2), (1.0, 0.5, 1)]
+    grids = {"eps": [0.5, 1.0], "alpha": [0.0, 0.5], "k": [1, 2]}
+    assert hparams.plan(grids, (1.0, 0.5, 2), 2) == [
+        (1.0, 0.5, 2), (0.5, 0.5, 2), (1.0, 0.0, 2), (1.0, 0.5, 1)]
+    # alpha acts only from the third progressive step: its sweep runs at k = 3
+    assert hparams.plan(grids, (1.0, 0.5, 2), 3) == [
+        (1.0, 0.5, 2), (0.5, 0.5, 2), (1.0, 0.0, 3), (1.0, 0.5, 3), (1.0, 0.5, 1)]
     out = tmp_path / "hparams"
-    args = ["--out", str(out), *TINY, "--eps", "0.5", "--alpha", "0.5", "--k", "2"]
+    args = ["--out", str(out), *TINY, "--eps", "0.5", "--alpha", "0.5", "--k", "2",
+            "--alpha-k", "2"]
     assert hparams.main(args) == 0
     md, data = _outputs(out, ["sweeps.png"])
     assert _names(data) == {"replay k=2", "anp eps=1 alpha=0.5 k=2", "anp eps=0.5 alpha=0.5 k=2"}
