@@ -213,15 +213,19 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
     Returns:
       The new state and metrics averaged over the ``k`` updates (and devices): ``loss``
       (mean cross-entropy under noise), ``accuracy`` and ``noise_norm`` (mean per-example
-      L2 norm of the last injected noise, summed over points), ``params_finite`` (1.0
+      L2 norm of the noise injected in the last forward pass, summed over points), ``params_finite`` (1.0
       when every parameter is finite after the updates).
     """
     hparams = {name: jnp.asarray(v) for name, v in hparams.items()}
     noise_state = reset_noise(state, hparams, axis_name) if state.reset_noise else state.noise
     grad_fn = jax.value_and_grad(_loss_fn, argnums=(0, 1, 2), has_aux=True)
 
+    def injected_norm(injection: PyTree) -> jax.Array:
+        return sum((jnp.mean(noise_lib.per_example_norm(v)) for v in
+                    jax.tree.leaves(injection)), jnp.zeros((), jnp.float32))
+
     def body(i: jax.Array, carry: tuple) -> tuple:
-        st, noise, loss_sum, correct_sum = carry
+        st, noise, loss_sum, correct_sum, _ = carry
         rng = jax.random.fold_in(st.rng, st.step)
         if axis_name is not None:  # dropout masks and random starts differ between devices
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -242,10 +246,11 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
                         adv_delta=adversarial.update_free_delta(adversary, st.adv_delta,
                                                                 input_grads))
         correct = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return st, NoiseState(injection, transform), loss_sum + loss, correct_sum + correct
+        return (st, NoiseState(injection, transform), loss_sum + loss, correct_sum + correct,
+                injected_norm(noise.injection))
 
     zero = jnp.zeros((), jnp.float32)
-    carry = (state, noise_state, zero, zero)
+    carry = (state, noise_state, zero, zero, zero)
     if static_k is None:
         k = jnp.maximum(hparams["k"].astype(jnp.int32), 1)
         carry = jax.lax.fori_loop(0, k, body, carry)
@@ -253,9 +258,7 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
         k = static_k
         for i in range(static_k):
             carry = body(jnp.int32(i), carry)
-    state, noise_state, loss_sum, correct_sum = carry
-    noise_norm = sum((jnp.mean(noise_lib.per_example_norm(v)) for v in
-                      jax.tree.leaves(noise_state.injection)), zero)
+    state, noise_state, loss_sum, correct_sum, noise_norm = carry
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in
                                   jax.tree.leaves(state.params)])).astype(jnp.float32)
     metrics = {"loss": loss_sum / k, "accuracy": correct_sum / k, "noise_norm": noise_norm,

@@ -211,3 +211,16 @@ def test_mixed_precision_registers_are_bf16_and_match_float32(model):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert leaf.dtype == jnp.float32
     assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_noise_norm_is_that_of_the_last_injected_noise(model, k):
+    """Registers reset per mini-batch: with k = 1 nothing is ever injected (ANP is plain
+    training); with k = 2 the second pass carries (eps/2) * g/||g||_2 at each point, an L2
+    norm of eps/2 per example and point."""
+    layers = ("input", "conv1", "fc1")
+    eps = 0.8
+    _, metrics = _step(_state(model, layers), _batch(), {"eps": eps, "alpha": 0.5, "k": k,
+                                                          "lr": LR})
+    expected = 0.0 if k == 1 else len(layers) * eps / 2
+    np.testing.assert_allclose(float(metrics["noise_norm"]), expected, rtol=1e-5, atol=1e-6)
