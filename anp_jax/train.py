@@ -213,8 +213,8 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
     Returns:
       The new state and metrics averaged over the ``k`` updates (and devices): ``loss``
       (mean cross-entropy under noise), ``accuracy`` and ``noise_norm`` (mean per-example
-      L2 norm of the noise injected in the last forward pass, summed over points), ``params_finite`` (1.0
-      when every parameter is finite after the updates).
+      L2 norm of the noise injected in the last forward pass, summed over points),
+      ``params_finite`` (1.0 when every parameter is finite after the updates).
     """
     hparams = {name: jnp.asarray(v) for name, v in hparams.items()}
     noise_state = reset_noise(state, hparams, axis_name) if state.reset_noise else state.noise

@@ -112,9 +112,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"choose from {', '.join(input_pipeline.PIPELINES)}")
     need(config.get("image_size", 0) >= 0, "image_size", "must be >= 0 (0: the data set's)")
     need(config.get("prefetch_batches", 2) >= 0, "prefetch_batches", "must be >= 0")
-    need(len(config.get("mean", ())) in (0, 1, 3) and len(config.get("std", ())) in (0, 1, 3)
-         and all(v > 0 for v in config.get("std", ())), "std",
-         "mean and std need 0, 1 or 3 values, std > 0")
+    need(len(config.get("mean", ())) in (0, 1, 3), "mean", "needs 0, 1 or 3 values")
+    need(len(config.get("std", ())) in (0, 1, 3) and all(v > 0 for v in config.get("std", ())),
+         "std", "needs 0, 1 or 3 values, all > 0")
     need(config.get("augment", "none") in augment_lib.AUGMENTATIONS, "augment",
          f"choose from {', '.join(augment_lib.AUGMENTATIONS)}")
     try:
