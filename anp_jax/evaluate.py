@@ -45,6 +45,14 @@ def run_attack(attack: str, fn: Callable[[jax.Array], jax.Array], x: jax.Array,
                y: jax.Array, rng: jax.Array) -> jax.Array:
     """Adversarial images for the attack id ``attack`` (e.g. ``pgd10_linf_0.1``)."""
     name, norm, eps, steps = attacks.parse_attack_id(attack)
+    return craft(name, norm, eps, steps, fn, x, y, rng)
+
+
+def craft(name: str, norm: str, eps: float | jax.Array, steps: int | None,
+          fn: Callable[[jax.Array], jax.Array], x: jax.Array, y: jax.Array,
+          rng: jax.Array) -> jax.Array:
+    """Adversarial images of attack ``name`` (``fgsm``, ``stepll``, ``pgd``, ``mifgsm``,
+    ``apgd``) with ``norm``, budget ``eps`` (may be traced) and ``steps``."""
     if name == "fgsm":
         return attacks.fgsm(fn, x, y, eps, norm=norm)
     if name == "stepll":
@@ -55,7 +63,7 @@ def run_attack(attack: str, fn: Callable[[jax.Array], jax.Array], x: jax.Array,
         return attacks.mi_fgsm(fn, x, y, eps, num_steps=steps)
     if name == "apgd":
         return attacks.apgd_ce(fn, x, y, eps, rng=rng, num_steps=steps, norm=norm)
-    raise ValueError(f"unknown attack {attack!r}")
+    raise ValueError(f"unknown attack {name!r}")
 
 
 def _correct(fn: Callable, images: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

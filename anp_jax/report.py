@@ -309,22 +309,12 @@ def _craft(kind: tuple, fn: Callable, x, y, eps, rng):
     import jax
     import jax.numpy as jnp
 
-    from anp_jax import attacks
+    from anp_jax import evaluate
 
     name, norm, steps = kind
     if name == "uniform":
         return jnp.clip(x + jax.random.uniform(rng, x.shape, x.dtype, -eps, eps), 0.0, 1.0)
-    if name == "fgsm":
-        return attacks.fgsm(fn, x, y, eps, norm=norm)
-    if name == "stepll":
-        return attacks.step_ll(fn, x, y, eps)
-    if name == "pgd":
-        return attacks.pgd(fn, x, y, eps, rng=rng, num_steps=steps, norm=norm)
-    if name == "mifgsm":
-        return attacks.mi_fgsm(fn, x, y, eps, num_steps=steps)
-    if name == "apgd":
-        return attacks.apgd_ce(fn, x, y, eps, rng=rng, num_steps=steps, norm=norm)
-    raise ValueError(f"unknown attack {name!r}")
+    return evaluate.craft(name, norm, eps, steps, fn, x, y, rng)
 
 
 class Evaluator:
