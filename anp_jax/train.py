@@ -33,7 +33,7 @@ from flax import struct
 from anp_jax import adversarial
 from anp_jax import noise as noise_lib
 from anp_jax.adversarial import Adversary
-from anp_jax.models import PERTURBATIONS
+from anp_jax.models import ACTIVATIONS, PERTURBATIONS
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]  # {"image": [B, H, W, C] float in [0, 1], "label": [B] int}
@@ -65,30 +65,33 @@ class TrainState:
     rng: jax.Array
     apply_fn: Callable = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    noise_tx: noise_lib.NoiseTransform = struct.field(pytree_node=False)
+    noise_tx: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
     layers: tuple[str, ...] = struct.field(pytree_node=False, default=())
     reset_noise: bool = struct.field(pytree_node=False, default=True)
 
 
 def create_train_state(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...],
                        tx: optax.GradientTransformation,
-                       noise_tx: noise_lib.NoiseTransform | None = None,
+                       noise_tx: optax.GradientTransformationExtraArgs | None = None,
                        layers: tuple[str, ...] = (), reset_noise: bool = True) -> TrainState:
     """Initialises a train state.
 
     Args:
       model: a model of :mod:`anp_jax.models`.
-      rng: PRNG key; split into parameter init, noise init and the training stream.
+      rng: PRNG key; split into parameter init and the training stream (the noise's
+        random starts are drawn from the training stream, see :func:`reset_noise`).
       image_shape: ``[B, H, W, C]``, with ``B`` the batch per device: the noise registers
         are shaped by it.
       tx: the optimizer; build it with ``optax.inject_hyperparams`` so that the step can
         set ``learning_rate`` (see :func:`make_optimizer`).
-      noise_tx: the noise transform (default :func:`anp_jax.noise.anp`).
+      noise_tx: the noise transform, an optax transform over ``{point: [B, ...]}`` (default
+        :func:`anp_jax.noise.anp`); ``update`` gets the step's hyper-parameters, ``key``
+        (reset only) and ``activations`` as extra arguments.
       layers: the perturbation points to perturb (names, in model order).
       reset_noise: reset the registers at every mini-batch (the official rule).
     """
     noise_tx = noise_tx or noise_lib.anp()
-    init_rng, noise_rng, train_rng = jax.random.split(rng, 3)
+    init_rng, _, train_rng = jax.random.split(rng, 3)
     # Compiled once: initialising op by op is slow for deep models.
     variables = jax.jit(lambda r: model.init({"params": r, "dropout": r},
                                              jnp.zeros(image_shape, jnp.float32),
@@ -102,7 +105,7 @@ def create_train_state(model: nn.Module, rng: jax.Array, image_shape: tuple[int,
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        noise=NoiseState(template, noise_tx.init(template, noise_rng)),
+        noise=NoiseState(template, noise_tx.init(template)),
         adv_delta=jnp.zeros(image_shape, jnp.float32),
         rng=train_rng,
         apply_fn=model.apply,
@@ -146,30 +149,35 @@ def _set_learning_rate(opt_state: optax.OptState, lr: jax.Array) -> optax.OptSta
 
 
 def _forward(params: PyTree, injection: PyTree, batch_stats: PyTree, state: TrainState,
-             images: jax.Array, rng: jax.Array) -> tuple[jax.Array, PyTree]:
-    """Training-mode logits with noise ``injection``, and the updated batch statistics."""
+             images: jax.Array, rng: jax.Array) -> tuple[jax.Array, PyTree, PyTree]:
+    """Training-mode logits with noise ``injection``, the updated batch statistics, and
+    the activations at the points of ``injection`` (before their noise)."""
     variables = {"params": params, PERTURBATIONS: injection}
     if batch_stats:
         variables["batch_stats"] = batch_stats
-    logits, updates = state.apply_fn(variables, images, train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": rng})
-    return logits, updates.get("batch_stats", batch_stats)
+    logits, updates = state.apply_fn(variables, images, train=True,
+                                     mutable=["batch_stats", ACTIVATIONS], rngs={"dropout": rng})
+    activations = {name: updates[ACTIVATIONS][name] for name in injection}
+    return logits, updates.get("batch_stats", batch_stats), activations
 
 
 def _loss_fn(params: PyTree, injection: PyTree, images: jax.Array, state: TrainState,
              batch: Batch, rng: jax.Array, adversary: Adversary | None
-             ) -> tuple[jax.Array, tuple[jax.Array, PyTree]]:
+             ) -> tuple[jax.Array, tuple[jax.Array, PyTree, PyTree]]:
     """Cross-entropy on ``images`` (TRADES: CE on the clean batch + beta * KL to
-    ``images``), with the noise ``injection`` in every forward pass."""
+    ``images``), with the noise ``injection`` in every forward pass; the auxiliary output
+    is the logits, batch statistics and activations (at the points, on ``images``)."""
     if adversary is not None and adversary.kind == "trades":
-        logits, batch_stats = _forward(params, injection, state.batch_stats, state,
-                                       batch["image"], rng)
-        logits_adv, batch_stats = _forward(params, injection, batch_stats, state, images, rng)
+        logits, batch_stats, _ = _forward(params, injection, state.batch_stats, state,
+                                          batch["image"], rng)
+        logits_adv, batch_stats, activations = _forward(params, injection, batch_stats, state,
+                                                        images, rng)
         robust = jnp.mean(adversarial.kl_divergence(logits, logits_adv))
         return cross_entropy(logits, batch["label"]) + adversary.beta * robust, \
-            (logits, batch_stats)
-    logits, batch_stats = _forward(params, injection, state.batch_stats, state, images, rng)
-    return cross_entropy(logits, batch["label"]), (logits, batch_stats)
+            (logits, batch_stats, activations)
+    logits, batch_stats, activations = _forward(params, injection, state.batch_stats, state,
+                                                images, rng)
+    return cross_entropy(logits, batch["label"]), (logits, batch_stats, activations)
 
 
 def _attack_model(state: TrainState, rng: jax.Array) -> Callable[[jax.Array], jax.Array]:
@@ -180,13 +188,15 @@ def _attack_model(state: TrainState, rng: jax.Array) -> Callable[[jax.Array], ja
 
 def reset_noise(state: TrainState, hparams: Mapping[str, jax.Array],
                 axis_name: str | None = None) -> NoiseState:
-    """Fresh registers for a new mini-batch, and the noise of its first forward pass."""
+    """Fresh registers for a new mini-batch, and the noise of its first forward pass: the
+    update of zero gradients with ``key`` (a random start's draw, per mini-batch and
+    device) and zero ``activations`` (none is known before the first forward pass)."""
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.batches), 1)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     zeros = jax.tree.map(jnp.zeros_like, state.noise.injection)
-    transform = state.noise_tx.init(zeros, rng)
-    injection, transform = state.noise_tx.update(zeros, transform, hparams)
+    injection, transform = state.noise_tx.update(zeros, state.noise_tx.init(zeros), None,
+                                                 key=rng, activations=zeros, **hparams)
     return NoiseState(injection, transform)
 
 
@@ -217,7 +227,12 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
       ``params_finite`` (1.0 when every parameter is finite after the updates).
     """
     hparams = {name: jnp.asarray(v) for name, v in hparams.items()}
-    noise_state = reset_noise(state, hparams, axis_name) if state.reset_noise else state.noise
+    if state.reset_noise:
+        noise_state = reset_noise(state, hparams, axis_name)
+    else:  # registers persist: only the first mini-batch starts afresh (random start)
+        def fresh() -> NoiseState:
+            return reset_noise(state, hparams, axis_name)
+        noise_state = jax.lax.cond(state.batches == 0, fresh, lambda: state.noise)
     grad_fn = jax.value_and_grad(_loss_fn, argnums=(0, 1, 2), has_aux=True)
 
     def injected_norm(injection: PyTree) -> jax.Array:
@@ -233,14 +248,15 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
         images = adversarial.adversarial_inputs(
             adversary, _attack_model(st, rng), batch["image"], batch["label"], st.adv_delta,
             attack_rng, unroll=static_k is not None)
-        (loss, (logits, batch_stats)), (grads, noise_grads, input_grads) = grad_fn(
+        (loss, (logits, batch_stats, activations)), (grads, noise_grads, input_grads) = grad_fn(
             st.params, noise.injection, images, st, batch, rng, adversary)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
         opt_state = _set_learning_rate(st.opt_state, hparams["lr"])
         updates, opt_state = st.tx.update(grads, opt_state, st.params)
         params = optax.apply_updates(st.params, updates)
-        injection, transform = st.noise_tx.update(noise_grads, noise.transform, hparams)
+        injection, transform = st.noise_tx.update(noise_grads, noise.transform, None,
+                                                  activations=activations, **hparams)
         st = st.replace(step=st.step + 1, params=params, batch_stats=batch_stats,
                         opt_state=opt_state,
                         adv_delta=adversarial.update_free_delta(adversary, st.adv_delta,

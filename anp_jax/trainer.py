@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import jax_utils
 
 from anp_jax import augment as augment_lib
@@ -175,9 +176,23 @@ def hparams_at(scheds: dict[str, schedules.Schedule], epoch: float) -> dict[str,
             for name, fn in scheds.items()}
 
 
-def build_noise_transform(config: ml_collections.ConfigDict) -> noise_lib.NoiseTransform:
-    init = None if config.anp.init == "none" else config.anp.init
-    return noise_lib.anp(norm=config.anp.norm, init=init)
+def build_noise_transform(config: ml_collections.ConfigDict
+                          ) -> optax.GradientTransformationExtraArgs:
+    """The noise transform of ``config.anp``: :func:`anp_jax.noise.anp`, its gradients at
+    the input summed over the progressive steps first (``accumulate_input_grad``, as the
+    official code does), its noise scaled by each point's activation norm after
+    (``scale_by_activation_norm``)."""
+    a = config.anp
+    relative = a.get("scale_by_activation_norm", False)
+    if relative and a.init != "none":
+        raise ConfigError(f"config.anp.init={a.init!r}: a random start precedes the first "
+                          "forward pass, so anp.scale_by_activation_norm would scale it to "
+                          "zero; use anp.init='none'")
+    tx = noise_lib.anp(norm=a.norm, init=None if a.init == "none" else a.init)
+    if a.get("accumulate_input_grad", False):
+        tx = optax.chain(optax.masked(noise_lib.accumulate_gradients(),
+                                      noise_lib.point_mask("input")), tx)
+    return optax.chain(tx, noise_lib.scale_by_activation_norm()) if relative else tx
 
 
 def make_adversary(config: ml_collections.ConfigDict) -> Adversary | None:

@@ -87,7 +87,7 @@ class Method:
     anp: bool
     k: int
     adversary: Adversary | None = None
-    noise_tx: Callable[[], noise_lib.NoiseTransform] = noise_lib.anp
+    noise_tx: Callable[[], optax.GradientTransformationExtraArgs] = noise_lib.anp
     step: Callable | None = None  # a train step other than train.train_step (--diagnose)
     stateless_noise: bool = False  # keep no noise in the train state (--diagnose)
     description: str = ""
@@ -114,8 +114,8 @@ def methods(diagnose: bool = False) -> list[Method]:
     if diagnose:
         out += [
             Method("anp_k1_no_normalize", True, 1,
-                   noise_tx=lambda: noise_lib.chain(noise_lib.accumulate(),
-                                                    noise_lib.scale_by_eps_over_k()),
+                   noise_tx=lambda: optax.chain(noise_lib.accumulate(),
+                                                noise_lib.scale_by_eps_over_k()),
                    description="ANP k=1 without the per-example L2 normalisation"),
             Method("anp_k1_skip_last", True, 1, step=proposed_train_step,
                    description="ANP k=1, no noise update after the last update"),
@@ -162,14 +162,15 @@ def proposed_train_step(state: train.TrainState, batch: train.Batch,
             st.adv_delta, attack_rng, unroll=True)
         argnums = (0, 2) if last else (0, 1, 2)
         grad_fn = jax.value_and_grad(train._loss_fn, argnums=argnums, has_aux=True)
-        (loss, (logits, batch_stats)), grads = grad_fn(
+        (loss, (logits, batch_stats, activations)), grads = grad_fn(
             st.params, noise.injection, images, st, batch, rng, adversary)
         param_grads, input_grads = grads[0], grads[-1]
         opt_state = train._set_learning_rate(st.opt_state, hparams["lr"])
         updates, opt_state = st.tx.update(param_grads, opt_state, st.params)
         params = optax.apply_updates(st.params, updates)
         if not last:
-            injection, transform = st.noise_tx.update(grads[1], noise.transform, hparams)
+            injection, transform = st.noise_tx.update(grads[1], noise.transform, None,
+                                                      activations=activations, **hparams)
             noise = train.NoiseState(injection, transform)
         st = st.replace(step=st.step + 1, params=params, batch_stats=batch_stats,
                         opt_state=opt_state,
@@ -327,7 +328,7 @@ def synthetic_batch(model_name: str, batch: int, seed: int = 0) -> dict[str, jax
 
 @functools.cache
 def _state_factory(model_name: str, dtype: str, image_shape: tuple[int, ...], anp: bool,
-                   noise_tx: Callable[[], noise_lib.NoiseTransform]
+                   noise_tx: Callable[[], optax.GradientTransformationExtraArgs]
                    ) -> Callable[[jax.Array], train.TrainState]:
     """A jitted :func:`anp_jax.train.create_train_state` (one compilation, where running it
     op by op would compile dozens of small programs), shared by methods with the same
@@ -361,7 +362,7 @@ class JaxRunner:
                 noise = self.state.noise
                 template = {name: jax.ShapeDtypeStruct(v.shape, v.dtype)
                             for name, v in noise.injection.items()}
-                empty = self.state.noise_tx.init({}, jax.random.PRNGKey(seed))
+                empty = self.state.noise_tx.init({})
                 self.state = self.state.replace(noise=train.NoiseState({}, empty))
                 fn = functools.partial(fn, template=template)
         else:

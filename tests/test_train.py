@@ -153,7 +153,7 @@ def test_zero_gradients_give_zero_noise(model):
     assert float(jnp.abs(new_state.noise.injection["input"]).max()) == 0.0
     assert np.isfinite(float(metrics["loss"]))
     zero = noise.anp().update({"z": jnp.zeros((2, 3))}, noise.anp().init(
-        {"z": jnp.zeros((2, 3))}, jax.random.PRNGKey(0)), {"eps": 1.0, "alpha": 1.0, "k": 1})
+        {"z": jnp.zeros((2, 3))}), eps=1.0, alpha=1.0, k=1)
     np.testing.assert_array_equal(zero[0]["z"], 0.0)
 
 

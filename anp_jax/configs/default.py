@@ -48,6 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.anp.norm = "l2"  # "l2" (official), "linf" or "sign"
     config.anp.init = "none"  # "none" (official), "gaussian" or "uniform"
     config.anp.reset_per_batch = True
+    # The official code's input rule: the input's gradient summed over the k progressive
+    # steps (g1, g1+g2, ...), hidden points use the current step's (noise.accumulate_gradients)
+    config.anp.accumulate_input_grad = False
+    # Noise relative to the activations: the injection at a point scaled by ||z|| per
+    # example (noise.scale_by_activation_norm); needs anp.init = "none"
+    config.anp.scale_by_activation_norm = False
     # "constant"; "official" (the CIFAR-10 table stretched to num_epochs); "linear" or
     # "cosine" (eps rises from 0 over warmup_epochs); "piecewise" (the lists below).
     config.anp.schedule = "constant"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from anp_jax.models.layers import PERTURBATIONS, PerturbableModel, select_layers
+from anp_jax.models.layers import ACTIVATIONS, PERTURBATIONS, PerturbableModel, select_layers
 from anp_jax.models.resnet import ResNet
 from anp_jax.models.small import DigitsCNN, LeNet
 from anp_jax.models.vgg import VGG
@@ -30,5 +30,5 @@ def create_model(name: str, **kwargs) -> PerturbableModel:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MODELS", "PERTURBATIONS", "PerturbableModel", "create_model", "select_layers",
-           "DigitsCNN", "LeNet", "VGG", "ResNet"]
+__all__ = ["ACTIVATIONS", "MODELS", "PERTURBATIONS", "PerturbableModel", "create_model",
+           "select_layers", "DigitsCNN", "LeNet", "VGG", "ResNet"]

@@ -8,6 +8,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 PERTURBATIONS = "perturbations"
+# The activation at every perturbation point before its noise is added, sown by ``perturb``
+# when this collection is mutable (``apply(..., mutable=[ACTIVATIONS])``): {name: z}.
+ACTIVATIONS = "activations"
 
 
 class PerturbableModel(nn.Module):
@@ -37,8 +40,12 @@ class PerturbableModel(nn.Module):
 
         Unlike Flax's ``Module.perturb``, a collection that holds only some of the points
         is allowed: the others are left untouched (and cost nothing).  At ``init`` with a
-        mutable collection, zeros shaped like ``value`` are stored for every point.
+        mutable collection, zeros shaped like ``value`` are stored for every point.  When
+        the ``ACTIVATIONS`` collection is mutable, ``value`` itself (before the noise) is
+        sown there under ``name`` (not at ``init``).
         """
+        if not self.is_initializing():
+            self.sow(ACTIVATIONS, name, value, init_fn=lambda: None, reduce_fn=lambda _, v: v)
         if self.is_mutable_collection(collection) and not self.has_variable(collection, name):
             self.put_variable(collection, name, jnp.zeros_like(value))
         if self.has_variable(collection, name):
