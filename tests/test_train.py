@@ -224,3 +224,81 @@ def test_noise_norm_is_that_of_the_last_injected_noise(model, k):
                                                           "lr": LR})
     expected = 0.0 if k == 1 else len(layers) * eps / 2
     np.testing.assert_allclose(float(metrics["noise_norm"]), expected, rtol=1e-5, atol=1e-6)
+
+
+def _config_noise(**anp_fields):
+    from anp_jax import trainer
+    from anp_jax.configs import default
+
+    config = default.get_config()
+    config.anp.update(anp_fields)
+    return trainer.build_noise_transform(config)
+
+
+def test_accumulated_input_gradient_follows_the_official_code(model):
+    """``anp.accumulate_input_grad``: over k = 3 progressive steps the input's register is
+    built from g1, g1+g2, g1+g2+g3 (the official code never zeroes the input's ``.grad``),
+    a hidden point's from the current step's gradient."""
+    layers = ("input", "conv1", "fc1")
+    eps, alpha, k = 0.7, 0.6, 3
+    tx = train.make_optimizer("sgd", momentum=0.0, weight_decay=0.0)
+    state = train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx,
+                                     _config_noise(accumulate_input_grad=True), layers)
+    batch = _batch(5)
+    new_state, _ = _step(state, batch, {"eps": eps, "alpha": alpha, "k": k, "lr": LR})
+
+    params = state.params
+    registers = {p: 0.0 for p in layers}
+    input_grad = 0.0  # the official input tensor's .grad, accumulating
+    for _ in range(k):
+        noise_by_point = {p: eps / k * registers[p] for p in layers}
+        grads = {p: _grad_at_point(params, batch, noise_by_point, p) for p in layers}
+        param_grads = jax.grad(_manual_loss)(params, batch["image"], batch["label"],
+                                             noise_by_point)
+        params = jax.tree.map(lambda w, g: w - LR * g, params, param_grads)
+        input_grad = input_grad + grads["input"]
+        grads["input"] = input_grad
+        registers = {p: alpha * registers[p] + _normalise(grads[p], "l2") for p in layers}
+
+    for p in layers:
+        np.testing.assert_allclose(new_state.noise.injection[p], eps / k * registers[p],
+                                   rtol=2e-4, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                 new_state.params, params)
+
+
+def test_noise_scaled_by_activation_norm(model):
+    """``anp.scale_by_activation_norm``: the injection at a point is the official one times
+    the per-example L2 norm of the activation there (before the point's own noise), taken
+    in the forward pass that gave the gradient."""
+    layers = ("input", "conv2", "fc1")
+    eps, alpha, k = 0.3, 0.5, 2
+    tx = train.make_optimizer("sgd", momentum=0.0, weight_decay=0.0)
+    state = train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx,
+                                     _config_noise(scale_by_activation_norm=True), layers)
+    batch = _batch(6)
+    new_state, _ = _step(state, batch, {"eps": eps, "alpha": alpha, "k": k, "lr": LR})
+
+    params = state.params
+    registers = {p: 0.0 for p in layers}
+    noise_by_point = {p: 0.0 for p in layers}  # nothing is known before the first pass
+    for _ in range(k):
+        captured = {}
+        _manual_forward(params, batch["image"], noise_by_point, captured)
+        grads = {p: _grad_at_point(params, batch, noise_by_point, p) for p in layers}
+        param_grads = jax.grad(_manual_loss)(params, batch["image"], batch["label"],
+                                             noise_by_point)
+        params = jax.tree.map(lambda w, g: w - LR * g, params, param_grads)
+        registers = {p: alpha * registers[p] + _normalise(grads[p], "l2") for p in layers}
+        noise_by_point = {}
+        for p in layers:
+            z = captured[p].reshape(B, -1)
+            norm = jnp.linalg.norm(z, axis=1).reshape((B,) + (1,) * (captured[p].ndim - 1))
+            noise_by_point[p] = eps / k * registers[p] * norm
+
+    for p in layers:
+        np.testing.assert_allclose(new_state.noise.injection[p], noise_by_point[p],
+                                   rtol=2e-4, atol=2e-5)
+    from anp_jax import trainer
+    with pytest.raises(trainer.ConfigError, match="anp.init"):
+        _config_noise(scale_by_activation_norm=True, init="gaussian")
