@@ -226,13 +226,47 @@ def test_noise_norm_is_that_of_the_last_injected_noise(model, k):
     np.testing.assert_allclose(float(metrics["noise_norm"]), expected, rtol=1e-5, atol=1e-6)
 
 
-def _config_noise(**anp_fields):
+def _config_step(model, layers, batch, hp, **anp_fields):
+    """One train step (plain SGD) with the noise transform the trainer builds from
+    ``config.anp`` updated with ``anp_fields``; returns the initial and the new state."""
     from anp_jax import trainer
     from anp_jax.configs import default
 
     config = default.get_config()
     config.anp.update(anp_fields)
-    return trainer.build_noise_transform(config)
+    tx = train.make_optimizer("sgd", momentum=0.0, weight_decay=0.0)
+    state = train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx,
+                                     trainer.build_noise_transform(config), layers)
+    return state, _step(state, batch, hp)[0]
+
+
+def _hand_anp(params, batch, layers, eps, alpha, k, sum_input_grad=False, relative=False):
+    """The k progressive steps by hand (plain SGD, cut networks): the parameters after
+    them and the noise of the next forward pass.  ``sum_input_grad``: the input's gradient
+    is the sum over the steps so far (the official code's .grad); ``relative``: the noise
+    times the per-example L2 norm of the activation at the point in the pass that gave
+    the gradient."""
+    registers = {p: 0.0 for p in layers}
+    noise_by_point = {p: 0.0 for p in layers}
+    input_grad = 0.0
+    for _ in range(k):
+        captured = {}
+        _manual_forward(params, batch["image"], noise_by_point, captured)
+        grads = {p: _grad_at_point(params, batch, noise_by_point, p) for p in layers}
+        param_grads = jax.grad(_manual_loss)(params, batch["image"], batch["label"],
+                                             noise_by_point)
+        params = jax.tree.map(lambda w, g: w - LR * g, params, param_grads)
+        if sum_input_grad:
+            input_grad = input_grad + grads["input"]
+            grads["input"] = input_grad
+        registers = {p: alpha * registers[p] + _normalise(grads[p], "l2") for p in layers}
+        noise_by_point = {p: eps / k * registers[p] for p in layers}
+        if relative:
+            for p in layers:
+                norm = jnp.linalg.norm(captured[p].reshape(B, -1), axis=1)
+                noise_by_point[p] = noise_by_point[p] * norm.reshape(
+                    (B,) + (1,) * (captured[p].ndim - 1))
+    return params, noise_by_point
 
 
 def test_accumulated_input_gradient_follows_the_official_code(model):
@@ -240,28 +274,13 @@ def test_accumulated_input_gradient_follows_the_official_code(model):
     built from g1, g1+g2, g1+g2+g3 (the official code never zeroes the input's ``.grad``),
     a hidden point's from the current step's gradient."""
     layers = ("input", "conv1", "fc1")
-    eps, alpha, k = 0.7, 0.6, 3
-    tx = train.make_optimizer("sgd", momentum=0.0, weight_decay=0.0)
-    state = train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx,
-                                     _config_noise(accumulate_input_grad=True), layers)
+    hp = {"eps": 0.7, "alpha": 0.6, "k": 3, "lr": LR}
     batch = _batch(5)
-    new_state, _ = _step(state, batch, {"eps": eps, "alpha": alpha, "k": k, "lr": LR})
-
-    params = state.params
-    registers = {p: 0.0 for p in layers}
-    input_grad = 0.0  # the official input tensor's .grad, accumulating
-    for _ in range(k):
-        noise_by_point = {p: eps / k * registers[p] for p in layers}
-        grads = {p: _grad_at_point(params, batch, noise_by_point, p) for p in layers}
-        param_grads = jax.grad(_manual_loss)(params, batch["image"], batch["label"],
-                                             noise_by_point)
-        params = jax.tree.map(lambda w, g: w - LR * g, params, param_grads)
-        input_grad = input_grad + grads["input"]
-        grads["input"] = input_grad
-        registers = {p: alpha * registers[p] + _normalise(grads[p], "l2") for p in layers}
-
+    state, new_state = _config_step(model, layers, batch, hp, accumulate_input_grad=True)
+    params, injection = _hand_anp(state.params, batch, layers, 0.7, 0.6, 3,
+                                  sum_input_grad=True)
     for p in layers:
-        np.testing.assert_allclose(new_state.noise.injection[p], eps / k * registers[p],
+        np.testing.assert_allclose(new_state.noise.injection[p], injection[p],
                                    rtol=2e-4, atol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
                  new_state.params, params)
@@ -272,33 +291,17 @@ def test_noise_scaled_by_activation_norm(model):
     the per-example L2 norm of the activation there (before the point's own noise), taken
     in the forward pass that gave the gradient."""
     layers = ("input", "conv2", "fc1")
-    eps, alpha, k = 0.3, 0.5, 2
-    tx = train.make_optimizer("sgd", momentum=0.0, weight_decay=0.0)
-    state = train.create_train_state(model, jax.random.PRNGKey(0), (B, 8, 8, 1), tx,
-                                     _config_noise(scale_by_activation_norm=True), layers)
+    hp = {"eps": 0.3, "alpha": 0.5, "k": 2, "lr": LR}
     batch = _batch(6)
-    new_state, _ = _step(state, batch, {"eps": eps, "alpha": alpha, "k": k, "lr": LR})
-
-    params = state.params
-    registers = {p: 0.0 for p in layers}
-    noise_by_point = {p: 0.0 for p in layers}  # nothing is known before the first pass
-    for _ in range(k):
-        captured = {}
-        _manual_forward(params, batch["image"], noise_by_point, captured)
-        grads = {p: _grad_at_point(params, batch, noise_by_point, p) for p in layers}
-        param_grads = jax.grad(_manual_loss)(params, batch["image"], batch["label"],
-                                             noise_by_point)
-        params = jax.tree.map(lambda w, g: w - LR * g, params, param_grads)
-        registers = {p: alpha * registers[p] + _normalise(grads[p], "l2") for p in layers}
-        noise_by_point = {}
-        for p in layers:
-            z = captured[p].reshape(B, -1)
-            norm = jnp.linalg.norm(z, axis=1).reshape((B,) + (1,) * (captured[p].ndim - 1))
-            noise_by_point[p] = eps / k * registers[p] * norm
-
+    state, new_state = _config_step(model, layers, batch, hp, scale_by_activation_norm=True)
+    _, injection = _hand_anp(state.params, batch, layers, 0.3, 0.5, 2, relative=True)
     for p in layers:
-        np.testing.assert_allclose(new_state.noise.injection[p], noise_by_point[p],
+        np.testing.assert_allclose(new_state.noise.injection[p], injection[p],
                                    rtol=2e-4, atol=2e-5)
     from anp_jax import trainer
+    from anp_jax.configs import default
+
+    config = default.get_config()
+    config.anp.update({"scale_by_activation_norm": True, "init": "gaussian"})
     with pytest.raises(trainer.ConfigError, match="anp.init"):
-        _config_noise(scale_by_activation_norm=True, init="gaussian")
+        trainer.build_noise_transform(config)
