@@ -770,7 +770,7 @@ def _cv2_linear_matrix(n_in: int, n_out: int, factor: float) -> np.ndarray:
     return _interp_matrix(np.clip(coords, 0.0, n_in - 1.0), n_in)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _frost_layers(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """The frost photographs resized for ``h x w`` images, stacked: uint8 ``[5, Hm, Wm, 3]``
     (zero-padded to the largest) and their sizes int32 ``[5, 2]``.

@@ -7,15 +7,22 @@ On ``--crops`` 32x32 uint8 crops of scikit-learn's two sample photographs (rando
 windows of 64 to 427 px, reduced with Pillow's BOX filter, as CIFAR images are reduced
 photographs), every severity of
 
-* ``frost``, against the reference formula of ``make_cifar_c.py`` written here in NumPy:
-  the photograph read with ``cv2.imread`` (one of ``frost1.png`` .. ``frost5.jpg``, the
-  reference's ``np.random.randint(5)``), ``cv2.resize`` by 0.2, a random 32x32 crop,
-  ``np.uint8(np.clip(a x + b frost, 0, 255))``. Both are random, so the measure is the mean
-  absolute change from the clean image, ``--draws`` draws per crop on each side;
-* the deterministic ``contrast``, ``gaussian_blur``, ``defocus_blur`` and ``zoom_blur``,
-  against their reference formulas in NumPy/SciPy/OpenCV with the reference's final
-  ``np.uint8``: the mean change and the mean absolute difference from the reference's uint8
-  output, with and without ``quantize=True``.
+* the random ``frost``, ``gaussian_noise``, ``shot_noise``, ``impulse_noise`` and
+  ``speckle_noise``, against the reference formulas of ``make_cifar_c.py`` written here in
+  NumPy (scikit-image's ``random_noise`` for impulse noise); frost: the photograph read with
+  ``cv2.imread`` (one of ``frost1.png`` .. ``frost5.jpg``, the reference's
+  ``np.random.randint(5)``), ``cv2.resize`` by 0.2, a random 32x32 crop,
+  ``np.uint8(np.clip(a x + b frost, 0, 255))``. Both sides are random, so the measure is the
+  mean absolute change from the clean image, ``--draws`` draws per crop on each side;
+* the deterministic ``contrast``, ``gaussian_blur``, ``defocus_blur``, ``zoom_blur``,
+  ``brightness``, ``saturate``, ``pixelate`` and ``jpeg_compression``, against their reference
+  formulas (NumPy, SciPy, OpenCV, scikit-image's HSV, Pillow's BOX resampling and JPEG codec)
+  with the reference's final ``np.uint8``: the mean change, and the mean absolute difference
+  from the reference's uint8 output, with and without ``quantize=True``.
+
+The other six (``glass_blur``, ``motion_blur``, ``elastic_transform``, ``snow``, ``fog``,
+``spatter``) need ImageMagick or long
+re-implementations and are not measured here.
 
 Reported per corruption and severity, in grey levels (0..255): ``ours`` and ``reference``
 mean change and their ``ratio`` (``ours_quantized``, ``ratio_quantized`` with
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import io
 import json
 import math
 
@@ -39,6 +47,14 @@ CONTRAST = (0.75, 0.5, 0.4, 0.3, 0.15)
 GAUSSIAN_BLUR = (0.4, 0.6, 0.7, 0.8, 1.0)
 DEFOCUS = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1))
 ZOOM_STOPS = (1.06, 1.11, 1.16, 1.21, 1.26)
+BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)
+SATURATE = ((0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2))
+PIXELATE = (0.95, 0.9, 0.85, 0.75, 0.65)
+JPEG_QUALITY = (80, 65, 58, 50, 40)
+GAUSSIAN_NOISE = (0.04, 0.06, 0.08, 0.09, 0.10)
+SHOT_NOISE = (500, 250, 100, 75, 50)
+IMPULSE_NOISE = (0.01, 0.02, 0.03, 0.05, 0.07)
+SPECKLE_NOISE = (0.06, 0.1, 0.12, 0.16, 0.2)
 
 
 def photo_crops(n: int, seed: int = 0) -> np.ndarray:
@@ -137,11 +153,82 @@ def reference_zoom_blur(x: np.ndarray, severity: int) -> np.ndarray:
     return out
 
 
+def reference_brightness(x: np.ndarray, severity: int) -> np.ndarray:
+    from skimage import color
+
+    hsv = color.rgb2hsv(x / 255.0)
+    hsv[..., 2] = np.clip(hsv[..., 2] + BRIGHTNESS[severity - 1], 0, 1)
+    return np.uint8(np.clip(color.hsv2rgb(hsv), 0, 1) * 255)
+
+
+def reference_saturate(x: np.ndarray, severity: int) -> np.ndarray:
+    from skimage import color
+
+    factor, offset = SATURATE[severity - 1]
+    hsv = color.rgb2hsv(x / 255.0)
+    hsv[..., 1] = np.clip(hsv[..., 1] * factor + offset, 0, 1)
+    return np.uint8(np.clip(color.hsv2rgb(hsv), 0, 1) * 255)
+
+
+def reference_pixelate(x: np.ndarray, severity: int) -> np.ndarray:
+    from PIL import Image
+
+    side = int(32 * PIXELATE[severity - 1])
+    return np.stack([np.asarray(Image.fromarray(img).resize((side, side), Image.BOX)
+                                .resize((32, 32), Image.BOX)) for img in x])
+
+
+def reference_jpeg_compression(x: np.ndarray, severity: int) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for img in x:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=JPEG_QUALITY[severity - 1])
+        out.append(np.asarray(Image.open(buf)))
+    return np.stack(out)
+
+
+def reference_gaussian_noise(x: np.ndarray, severity: int, rng: np.random.Generator):
+    sigma = GAUSSIAN_NOISE[severity - 1]
+    return np.uint8(np.clip(x / 255.0 + rng.normal(size=x.shape, scale=sigma), 0, 1) * 255)
+
+
+def reference_shot_noise(x: np.ndarray, severity: int, rng: np.random.Generator):
+    c = SHOT_NOISE[severity - 1]
+    return np.uint8(np.clip(rng.poisson(x / 255.0 * c) / c, 0, 1) * 255)
+
+
+def reference_impulse_noise(x: np.ndarray, severity: int, rng: np.random.Generator):
+    from skimage.util import random_noise
+
+    y = random_noise(x / 255.0, mode="s&p", amount=IMPULSE_NOISE[severity - 1],
+                     rng=int(rng.integers(2**31)))
+    return np.uint8(np.clip(y, 0, 1) * 255)
+
+
+def reference_speckle_noise(x: np.ndarray, severity: int, rng: np.random.Generator):
+    x = x / 255.0
+    sigma = SPECKLE_NOISE[severity - 1]
+    return np.uint8(np.clip(x + x * rng.normal(size=x.shape, scale=sigma), 0, 1) * 255)
+
+
 DETERMINISTIC = {
     "contrast": reference_contrast,
     "gaussian_blur": reference_gaussian_blur,
     "defocus_blur": reference_defocus_blur,
     "zoom_blur": reference_zoom_blur,
+    "brightness": reference_brightness,
+    "saturate": reference_saturate,
+    "pixelate": reference_pixelate,
+    "jpeg_compression": reference_jpeg_compression,
+}
+
+RANDOM = {
+    "gaussian_noise": reference_gaussian_noise,
+    "shot_noise": reference_shot_noise,
+    "impulse_noise": reference_impulse_noise,
+    "speckle_noise": reference_speckle_noise,
 }
 
 
@@ -163,26 +250,30 @@ def measure(crops: int, draws: int, quantize: bool, seed: int = 0) -> dict:
 
     x8 = photo_crops(crops, seed)
     x = jnp.asarray(x8 / 255.0, jnp.float32)
-    results: dict = {"crops": crops, "draws": draws, "seed": seed, "frost": {}}
+    results: dict = {"crops": crops, "draws": draws, "seed": seed}
 
     layers = reference_frost_layers()
     rng = np.random.default_rng(seed + 1)
     key = jax.random.PRNGKey(seed)
-    for severity in range(1, 6):
-        ref, ours, ours_q = [], [], []
-        for d in range(draws):
-            ref.append(mean_abs(reference_frost(x8, severity, layers, rng), x8))
-            k = jax.random.fold_in(key, 10 * severity + d)
-            ours.append(mean_abs(255.0 * np.asarray(corruptions.frost(x, severity, k)), x8))
+    random = {"frost": lambda x8, s, g: reference_frost(x8, s, layers, g), **RANDOM}
+    for n, (name, reference) in enumerate(random.items()):
+        results[name] = {}
+        for severity in range(1, 6):
+            ref, ours, ours_q = [], [], []
+            for d in range(draws):
+                ref.append(mean_abs(reference(x8, severity, rng), x8))
+                k = jax.random.fold_in(key, 100 * n + 10 * severity + d)
+                y = corruptions.corrupt(name, x, severity, k)
+                ours.append(mean_abs(255.0 * np.asarray(y), x8))
+                if quantize:
+                    y = corruptions.corrupt(name, x, severity, k, quantize=True)
+                    ours_q.append(mean_abs(255.0 * np.asarray(y), x8))
+            row = {"ours": float(np.mean(ours)), "reference": float(np.mean(ref))}
+            row["ratio"] = row["ours"] / row["reference"]
             if quantize:
-                y = corruptions.frost(x, severity, k, quantize=True)
-                ours_q.append(mean_abs(255.0 * np.asarray(y), x8))
-        row = {"ours": float(np.mean(ours)), "reference": float(np.mean(ref))}
-        row["ratio"] = row["ours"] / row["reference"]
-        if quantize:
-            row["ours_quantized"] = float(np.mean(ours_q))
-            row["ratio_quantized"] = row["ours_quantized"] / row["reference"]
-        results["frost"][severity] = row
+                row["ours_quantized"] = float(np.mean(ours_q))
+                row["ratio_quantized"] = row["ours_quantized"] / row["reference"]
+            results[name][severity] = row
     rows = results["frost"].values()
     results["frost_mean_ratio"] = float(np.mean([r["ratio"] for r in rows]))
     if quantize:
@@ -210,14 +301,14 @@ def measure(crops: int, draws: int, quantize: bool, seed: int = 0) -> dict:
 
 def print_table(results: dict) -> None:
     print(f"{results['crops']} crops, {results['draws']} draws each; grey levels (0..255)")
-    print(f"{'corruption':<14} sev {'ours':>7} {'ref':>7} {'ratio':>6} {'ours_q':>7} "
+    print(f"{'corruption':<17} sev {'ours':>7} {'ref':>7} {'ratio':>6} {'ours_q':>7} "
           f"{'ratio_q':>7} {'|d|':>6} {'|d|_q':>6} {'exact_q':>7}")
-    for name in ("frost", *DETERMINISTIC):
+    for name in ("frost", *RANDOM, *DETERMINISTIC):
         for severity, row in results[name].items():
             def cell(key: str, fmt: str, row: dict = row) -> str:
                 return format(row.get(key, math.nan), fmt)
 
-            print(f"{name:<14} {severity:>3} {cell('ours', '7.3f')} {cell('reference', '7.3f')} "
+            print(f"{name:<17} {severity:>3} {cell('ours', '7.3f')} {cell('reference', '7.3f')} "
                   f"{cell('ratio', '6.3f')} {cell('ours_quantized', '7.3f')} "
                   f"{cell('ratio_quantized', '7.3f')} {cell('diff_float', '6.3f')} "
                   f"{cell('diff_quantized', '6.3f')} {cell('exact_quantized', '7.3f')}")

@@ -542,7 +542,7 @@ def locate(target: np.ndarray, layers: list[np.ndarray], tol: float) -> list[tup
 
 @pytest.mark.parametrize(
     "images",
-    [photos(32), IMAGE_SETS["grey16"][0], IMAGE_SETS["rgb24x20"][0], photos(64)[:2]],
+    [photos(32), IMAGE_SETS["grey16"][0], IMAGE_SETS["rgb24x20"][0], photos(64)[:1]],
     ids=["rgb32", "grey16", "rgb24x20", "rgb64"],
 )
 def test_frost_is_the_reference_blend_of_a_photo_crop(images: np.ndarray) -> None:
