@@ -1283,7 +1283,7 @@ def corrupt(
         (truncation); for ``motion_blur``, ``pixelate`` and ``jpeg_compression``, whose
         reference output comes rounded from ImageMagick or Pillow, ``floor(255 y + 0.5) / 255``.
         Off by default: truncation darkens by half a grey level on average and snaps values
-        to a grid that images which are not uint8 (resized, normalised, generated) never lay
+        to a grid that images which are not uint8 (resized, normalised, generated) never lie
         on; the float result is the reference's value before its final cast. Turn it on to
         compare number for number with the released CIFAR-10-C files. Intermediate uint8
         roundings of the reference (glass blur, the snow layer, Pillow's two BOX passes) are

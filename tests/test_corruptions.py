@@ -612,3 +612,24 @@ def test_quantize_keeps_uint8_images_and_jits() -> None:
     np.testing.assert_array_equal(
         np.round(255.0 * np.asarray(jitted("contrast", x, 2, quantize=True))), expected
     )
+
+
+def test_fidelity_benchmark_runs() -> None:
+    """``benchmarks/corruption_fidelity.py`` on 4 crops: every row is complete, and with
+    ``quantize=True`` contrast equals the reference's uint8 output value for value."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import corruption_fidelity
+
+    results = corruption_fidelity.measure(crops=4, draws=1, quantize=True)
+    names = ("frost", *corruption_fidelity.RANDOM, *corruption_fidelity.DETERMINISTIC)
+    for name in names:
+        assert sorted(results[name]) == [1, 2, 3, 4, 5], name
+        for row in results[name].values():
+            assert np.isfinite(row["ratio"]) and np.isfinite(row["ratio_quantized"]), name
+    assert all(row["exact_quantized"] == 1.0 for row in results["contrast"].values())
+    assert 0.5 < results["frost_mean_ratio"] < 2.0
