@@ -5,9 +5,11 @@ Robustness to Common Corruptions and Perturbations" (ICLR 2019), with the severi
 reference ``make_cifar_c.py``. Every corruption takes a float batch ``x`` of shape ``[B, H, W, C]``
 with values in [0, 1], any ``H`` and ``W``, ``C`` in {1, 3}, a ``severity`` in 0..5 (0 returns
 ``x`` unchanged; static under ``jax.jit``) and a JAX PRNG key ``rng`` (ignored by the
-deterministic ones). The result has the shape and dtype of ``x`` and lies in [0, 1]. Each example
-of a batch gets its own random draw. Severity parameters are passed to the jitted kernels as
-traced values, so one compilation per input shape serves all five severities.
+deterministic ones), and a keyword ``quantize`` (default False; True puts the result on the 256
+levels of the released uint8 CIFAR-10-C files, see :func:`corrupt`). The result has the shape
+and dtype of ``x`` and lies in [0, 1]. Each example of a batch gets its own random draw.
+Severity parameters are passed to the jitted kernels as traced values, so one compilation per
+input shape serves all five severities.
 
 Image size. The reference works on 32x32 images. With ``s = max(1, min(H, W) / 32)``:
 
@@ -26,8 +28,10 @@ Image size. The reference works on 32x32 images. With ``s = max(1, min(H, W) / 3
 
 Differences from the reference (also in ``docs/corruptions.md``):
 
-* Everything stays in float32: the reference's uint8 rounding of inputs, outputs and
-  intermediate images (glass blur, the snow layer's PNG round trip) is not reproduced.
+* Everything stays in float32: the reference's uint8 rounding of inputs and intermediate
+  images (glass blur, the snow layer's PNG round trip) is not reproduced. Its final uint8 cast
+  is, on request: ``quantize=True`` (see :func:`corrupt`) truncates to 256 levels as its
+  ``np.uint8`` does (rounds, for the three corruptions whose library returns uint8).
 * jpeg_compression has no codec. Baseline JPEG as Pillow/libjpeg encodes it at the reference
   quality is simulated: JFIF YCbCr, 4:2:0 chroma subsampling (2x2 mean; triangular "fancy"
   upsampling on decode), edge padding to whole MCUs, 8x8 DCT and quantisation (round half away
@@ -38,10 +42,12 @@ Differences from the reference (also in ``docs/corruptions.md``):
 * motion_blur (and the streaks of snow) re-implement ImageMagick's ``MotionBlurImage``: a
   one-sided line of ``2 * ceil(radius) + 1`` taps weighted ``exp(-i^2 / (2 sigma^2))``, offsets
   rounded to whole pixels, edge pixels repeated.
-* frost: the reference's frost photographs are not available. A procedural frost texture is
-  used instead, drawn per example at the image resolution: ridged multi-octave noise (a network
-  of thin, bright, branching veins, mean about 0.45), tinted pale blue, blended with the
-  reference weights ``clip(a x + b frost)``. Numbers are not comparable with CIFAR-10-C frost.
+* frost uses the reference's frost photographs, read from the ``imagecorruptions`` package
+  (a dependency; its code is not imported) on the host once. As the reference, each example
+  draws one of the first five (``np.random.randint(5)``: ``frost6.jpg`` is never used) and a
+  crop position in ``[0, size - H)``; the photographs are resized by ``0.2 s`` with
+  ``cv2.resize``'s bilinear sampling (no anti-aliasing: every 5th pixel at 32 px) and rounded
+  to uint8 as OpenCV returns them, enlarged if an image would not fit.
 * spatter re-implements the reference's OpenCV pipeline (Canny with L1 gradient, the 5x5 L2
   chamfer distance transform, histogram equalisation, emboss filter, box blurs, with OpenCV's
   borders and rounding) in JAX.
@@ -53,7 +59,7 @@ Differences from the reference (also in ``docs/corruptions.md``):
 * One channel: saturate is the identity (a grey pixel has no saturation; the reference's HSV
   round trip would tint it red, which one channel cannot show); brightness is ``clip(x + c)``,
   which is what the HSV round trip gives for grey; snow uses ``x`` as its grey image; the
-  water, mud and frost colours are replaced by their luminance.
+  water and mud colours and the frost photographs are replaced by their luminance.
 * elastic_transform's affine step interpolates in float (OpenCV's ``warpAffine`` quantises
   coordinates to 1/32 pixel); its reference points use the image centre ``(W // 2, H // 2)``
   in (x, y) order, which is the reference's for square images.
@@ -62,7 +68,9 @@ Differences from the reference (also in ``docs/corruptions.md``):
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import pathlib
 from collections.abc import Callable
 
 import jax
@@ -117,6 +125,11 @@ CORRUPTIONS: tuple[str, ...] = (
 )
 
 _MAX_SEVERITY = 5
+# Corruptions whose reference output is already uint8 from a library that rounds (Pillow's
+# resampling and JPEG decoder, ImageMagick's 8-bit PNG); the others are truncated by the
+# reference's np.uint8 of a float result.
+_ROUNDED = frozenset({"motion_blur", "pixelate", "jpeg_compression"})
+_UINT8_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
 _REF_SIZE = 32
 _HIGHEST = jax.lax.Precision.HIGHEST
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -144,6 +157,9 @@ _SNOW = (
 )
 # (image weight, frost weight)
 _FROST = ((1.0, 0.2), (1.0, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45))
+# The reference draws np.random.randint(5) over its six file names: frost6.jpg is never used.
+_FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
+_FROST_ZOOM = 0.2  # the photographs' resize factor for 32x32 images
 # (strength, wibble decay)
 _FOG = ((0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75))
 _BRIGHTNESS = (0.05, 0.1, 0.15, 0.2, 0.3)
@@ -170,7 +186,6 @@ _SPATTER = (
 )
 _WATER_RGB = np.array([175.0, 238.0, 238.0]) / 255.0
 _MUD_RGB = np.array([63.0, 42.0, 20.0]) / 255.0
-_FROST_RGB = np.array([0.86, 0.94, 1.0])
 
 # Standard JPEG quantisation tables (ITU-T T.81, Annex K).
 _JPEG_LUMA_TABLE = np.array(
@@ -224,8 +239,20 @@ def _check_images(x: jax.Array) -> None:
         raise ValueError(f"expected floating-point images in [0, 1], got dtype {x.dtype}")
 
 
+def _quantize(y: jax.Array, rounding: bool) -> jax.Array:
+    """``y`` in [0, 1] on the 256 levels of uint8: ``floor(255 y) / 255`` (``np.uint8`` of the
+    reference's float result) or, with ``rounding``, ``floor(255 y + 0.5) / 255``.
+
+    The levels are looked up, so that each is the correctly rounded float32 ``k / 255`` that
+    ``np.uint8`` images divided by 255 give (XLA divides by a constant through its reciprocal,
+    which is one ulp off for half of them)."""
+    level = jnp.floor(255.0 * y + (0.5 if rounding else 0.0))
+    return jnp.asarray(_UINT8_LEVELS)[jnp.clip(level, 0, 255).astype(jnp.int32)]
+
+
 def _corruption(needs_rng: bool) -> Callable[[_Corruption], _Corruption]:
-    """Wrap an implementation with validation, severity 0, clipping to [0, 1] and the dtype.
+    """Wrap an implementation with validation, severity 0, clipping to [0, 1], the optional
+    uint8 quantisation and the dtype.
 
     The implementation receives a float32 ``[B, H, W, C]`` batch and a severity in 1..5. It
     passes the severity's parameters as traced arguments to a jitted kernel, so that one
@@ -233,17 +260,23 @@ def _corruption(needs_rng: bool) -> Callable[[_Corruption], _Corruption]:
     """
 
     def decorate(impl: _Corruption) -> _Corruption:
+        rounding = impl.__name__ in _ROUNDED
+
         @functools.wraps(impl)
-        def wrapper(x: jax.Array, severity: int, rng: jax.Array | None = None) -> jax.Array:
+        def wrapper(
+            x: jax.Array, severity: int, rng: jax.Array | None = None, *, quantize: bool = False
+        ) -> jax.Array:
             _check_severity(severity)
             x = jnp.asarray(x)
             _check_images(x)
             if severity == 0:
-                return x
+                return _quantize(x, rounding).astype(x.dtype) if quantize else x
             if needs_rng and rng is None:
                 raise ValueError(f"{impl.__name__} is random and needs a PRNG key `rng`")
-            out = impl(x.astype(jnp.float32), severity, rng)
-            return jnp.clip(out, 0.0, 1.0).astype(x.dtype)
+            out = jnp.clip(impl(x.astype(jnp.float32), severity, rng), 0.0, 1.0)
+            if quantize:
+                out = _quantize(out, rounding)
+            return out.astype(x.dtype)
 
         return wrapper
 
@@ -697,41 +730,117 @@ def snow(x: jax.Array, severity: int, rng: jax.Array | None = None) -> jax.Array
     return _snow_kernel(x, rng, zoom_h, zoom_w, loc, scale, threshold, taps, blend)
 
 
-def _frost_texture(rng: jax.Array, b: int, h: int, w: int) -> jax.Array:
-    """Procedural frost ``[B, h, w]`` in [0, 1] (mean about 0.45): ridged multi-octave noise.
+def _frost_photo_dir() -> pathlib.Path:
+    """Directory of the reference frost photographs inside the installed ``imagecorruptions``
+    package, found without importing the package's code (which needs OpenCV and
+    scikit-image). Raises ``FileNotFoundError`` with the fix if they are missing."""
+    spec = importlib.util.find_spec("imagecorruptions")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            folder = pathlib.Path(location) / "frost"
+            if all((folder / name).is_file() for name in _FROST_FILES):
+                return folder
+    raise FileNotFoundError(
+        "frost needs the frost photographs of the `imagecorruptions` package "
+        "(pip install imagecorruptions)"
+    )
 
-    Octave ``o`` is uniform noise on a grid of ``4 * 2^o`` cells along the shorter side (up to
-    one cell per pixel), bilinearly upsampled and folded into thin bright ridges
-    ``(1 - |n|)^6``; octaves weighted ``0.7^o`` give a network of branching veins, like ice
-    crystals on a window.
+
+@functools.cache
+def _frost_photos() -> tuple[np.ndarray, ...]:
+    """The reference's five frost photographs as read-only uint8 RGB ``[H, W, 3]`` arrays
+    (alpha dropped, as ``cv2.imread`` does), read from local files once."""
+    from PIL import Image
+
+    folder = _frost_photo_dir()
+    photos = []
+    for name in _FROST_FILES:
+        with Image.open(folder / name) as img:
+            photo = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        photo.setflags(write=False)
+        photos.append(photo)
+    return tuple(photos)
+
+
+def _cv2_linear_matrix(n_in: int, n_out: int, factor: float) -> np.ndarray:
+    """One axis of ``cv2.resize(..., fx=factor, interpolation=INTER_LINEAR)`` as an
+    ``[n_out, n_in]`` matrix: output pixel ``i`` samples ``(i + 0.5) / factor - 0.5`` with two
+    taps, no anti-aliasing, edge pixels repeated (for ``factor = 0.2``: every 5th pixel)."""
+    coords = (np.arange(n_out) + 0.5) * (1.0 / factor) - 0.5
+    return _interp_matrix(np.clip(coords, 0.0, n_in - 1.0), n_in)
+
+
+@functools.lru_cache(maxsize=8)
+def _frost_layers(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frost photographs resized for ``h x w`` images, stacked: uint8 ``[5, Hm, Wm, 3]``
+    (zero-padded to the largest) and their sizes int32 ``[5, 2]``.
+
+    The reference resizes by 0.2 for 32x32 images; here by ``0.2 * s`` (``s`` as for the other
+    corruptions, so the frost covers the same fraction of any image and small images use the
+    reference factor), enlarged where needed so that every photograph covers the image, and
+    rounded to uint8 as ``cv2.resize`` returns it.
     """
-    n = min(h, w)
-    cells = [4 * 2**o for o in range(max(1, (n // 4).bit_length()))]
-    grids = [(math.ceil(c * h / n) + 1, math.ceil(c * w / n) + 1) for c in cells]
-    noise = _uniform(rng, (b, sum(gh * gw for gh, gw in grids)), -1.0, 1.0)
-    total = jnp.zeros((b, h, w))
-    start = 0
-    for octave, (gh, gw) in enumerate(grids):
-        field = _resize_plane(noise[:, start : start + gh * gw].reshape(b, gh, gw), h, w)
-        total = total + 0.7**octave * (1.0 - jnp.abs(field)) ** 6
-        start += gh * gw
-    weights = sum(0.7**octave for octave in range(len(grids)))
-    return jnp.clip(2.0 * total / weights, 0.0, 1.0)
+    zoom = _FROST_ZOOM * _scale(h, w)
+    layers = []
+    for photo in _frost_photos():
+        ph, pw = photo.shape[:2]
+        factor = max(zoom, (h + 1) / ph, (w + 1) / pw)
+        oh, ow = max(h + 1, round(ph * factor)), max(w + 1, round(pw * factor))
+        mh, mw = _cv2_linear_matrix(ph, oh, factor), _cv2_linear_matrix(pw, ow, factor)
+        resized = np.einsum("ij,jkc,lk->ilc", mh, photo.astype(np.float64), mw, optimize=True)
+        layers.append(np.clip(np.round(resized), 0, 255).astype(np.uint8))
+    sizes = np.array([layer.shape[:2] for layer in layers], np.int32)
+    hm, wm = sizes.max(axis=0)
+    stack = np.zeros((len(layers), hm, wm, 3), np.uint8)
+    for i, layer in enumerate(layers):
+        stack[i, : layer.shape[0], : layer.shape[1]] = layer
+    stack.setflags(write=False)
+    sizes.setflags(write=False)
+    return stack, sizes
+
+
+def _frost_blend(
+    x: jax.Array,
+    layers: jax.Array,
+    index: jax.Array,
+    rows: jax.Array,
+    cols: jax.Array,
+    a: float,
+    weight: float,
+) -> jax.Array:
+    """``a x + weight frost`` with ``frost`` the ``H x W`` crop at ``(rows, cols)`` ``[B]`` of
+    photograph ``index`` ``[B]`` of the uint8 ``layers`` (its luminance for one channel)."""
+    _, h, w, c = x.shape
+
+    def crop(i: jax.Array, r: jax.Array, col: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice(layers, (i, r, col, 0), (1, h, w, 3))[0]
+
+    frost_rgb = jax.vmap(crop)(index, rows, cols).astype(jnp.float32) / 255.0
+    return a * x + weight * (frost_rgb if c == 3 else _grey(frost_rgb))
 
 
 @jax.jit
-def _frost_kernel(x: jax.Array, rng: jax.Array, a: float, weight: float) -> jax.Array:
-    b, h, w, c = x.shape
-    texture = _frost_texture(rng, b, h, w)[..., None] * _colour(_FROST_RGB, c)
-    return a * x + weight * texture
+def _frost_kernel(
+    x: jax.Array, rng: jax.Array, layers: jax.Array, sizes: jax.Array, a: float, weight: float
+) -> jax.Array:
+    b, h, w, _ = x.shape
+    k_index, k_row, k_col = jax.random.split(rng, 3)
+    index = jax.random.randint(k_index, (b,), 0, layers.shape[0])
+    # numpy's randint(0, n) as in the reference: the start lies in [0, size - H).
+    rows = jax.random.randint(k_row, (b,), 0, sizes[index, 0] - h)
+    cols = jax.random.randint(k_col, (b,), 0, sizes[index, 1] - w)
+    return _frost_blend(x, layers, index, rows, cols, a, weight)
 
 
 @_corruption(needs_rng=True)
 def frost(x: jax.Array, severity: int, rng: jax.Array | None = None) -> jax.Array:
-    """``clip(a x + b frost)`` with the reference weights and a procedural, pale-blue frost
-    texture in place of the reference's frost photographs (not available)."""
+    """``clip(a x + b frost)`` with ``(a, b)`` in ((1, .2), (1, .3), (.9, .4), (.85, .4),
+    (.75, .45)) and ``frost`` a random crop of one of the reference's five frost photographs
+    (from the ``imagecorruptions`` package), resized by ``0.2 s`` as for 32x32 images; one
+    photograph and crop per example; luminance for one channel."""
     a, weight = _FROST[severity - 1]
-    return _frost_kernel(x, rng, a, weight)
+    layers, sizes = _frost_layers(*x.shape[1:3])
+    return _frost_kernel(x, rng, layers, sizes, a, weight)
 
 
 def _plasma_fractal(rng: jax.Array, b: int, mapsize: int, wibbledecay: jax.Array) -> jax.Array:
@@ -1151,17 +1260,34 @@ _FUNCTIONS: dict[str, _Corruption] = {
 }
 
 
-def corrupt(name: str, x: jax.Array, severity: int, rng: jax.Array | None = None) -> jax.Array:
+def corrupt(
+    name: str,
+    x: jax.Array,
+    severity: int,
+    rng: jax.Array | None = None,
+    *,
+    quantize: bool = False,
+) -> jax.Array:
     """Apply corruption ``name`` (one of :data:`CORRUPTIONS`) at ``severity`` (0..5).
 
-    Jit-able with ``name`` and ``severity`` static, e.g.
-    ``jax.jit(corrupt, static_argnames=("name", "severity"))``.
+    Jit-able with ``name``, ``severity`` and ``quantize`` static, e.g.
+    ``jax.jit(corrupt, static_argnames=("name", "severity", "quantize"))``.
 
     Args:
       name: corruption name, e.g. ``"gaussian_noise"``.
       x: float images ``[B, H, W, C]`` in [0, 1], ``C`` in {1, 3}.
-      severity: 0 (returns ``x`` unchanged) to 5.
+      severity: 0 (returns ``x`` unchanged, or quantised with ``quantize``) to 5.
       rng: JAX PRNG key; required by the random corruptions, ignored by the others.
+      quantize: put the result on the 256 levels of uint8, as the released CIFAR-10-C files
+        are: ``floor(255 y) / 255``, which is the reference's ``np.uint8`` of its float result
+        (truncation); for ``motion_blur``, ``pixelate`` and ``jpeg_compression``, whose
+        reference output comes rounded from ImageMagick or Pillow, ``floor(255 y + 0.5) / 255``.
+        Off by default: truncation darkens by half a grey level on average and snaps values
+        to a grid that images which are not uint8 (resized, normalised, generated) never lie
+        on; the float result is the reference's value before its final cast. Turn it on to
+        compare number for number with the released CIFAR-10-C files. Intermediate uint8
+        roundings of the reference (glass blur, the snow layer, Pillow's two BOX passes) are
+        not reproduced either way.
 
     Returns:
       The corrupted batch, same shape and dtype as ``x``, in [0, 1].
@@ -1169,9 +1295,11 @@ def corrupt(name: str, x: jax.Array, severity: int, rng: jax.Array | None = None
     Raises:
       ValueError: for an unknown name, a severity outside 0..5, a bad shape or dtype, or a
         missing key.
+      FileNotFoundError: for ``frost`` when the ``imagecorruptions`` package, which ships the
+        frost photographs, is not installed.
     """
     _check_name(name)
-    return _FUNCTIONS[name](x, severity, rng)
+    return _FUNCTIONS[name](x, severity, rng, quantize=quantize)
 
 
 def corruption_id(name: str, severity: int) -> str:

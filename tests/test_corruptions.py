@@ -465,3 +465,171 @@ def test_fog_keeps_the_image_maximum_order() -> None:
     y = np.asarray(C.fog(jnp.asarray(x), 5, KEY))
     assert (y.max(axis=(1, 2, 3)) <= x.max(axis=(1, 2, 3)) + 1e-6).all()
     assert mean_change(y, x) > 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Frost: the reference's photographs
+# ---------------------------------------------------------------------------------------------
+
+FROST_SHAPES = {  # the five photographs the reference draws from, (rows, columns)
+    "frost1.png": (600, 900),
+    "frost2.png": (315, 560),
+    "frost3.png": (315, 560),
+    "frost4.jpg": (350, 527),
+    "frost5.jpg": (495, 660),
+}
+
+
+def reference_frost_photo(name: str) -> np.ndarray:
+    """A frost photograph as the reference reads it (``cv2.imread``, BGR), located through the
+    package metadata of ``imagecorruptions``, returned as RGB uint8."""
+    import importlib.metadata
+
+    import cv2
+
+    dist = importlib.metadata.distribution("imagecorruptions")
+    return cv2.imread(str(dist.locate_file(f"imagecorruptions/frost/{name}")))[..., ::-1]
+
+
+def test_frost_photographs_load_offline(monkeypatch) -> None:
+    """The photographs come from the installed package: no network, and the package's code
+    (which imports OpenCV and scikit-image) is not imported."""
+    import socket
+    import sys
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("frost tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.delitem(sys.modules, "imagecorruptions", raising=False)
+    C._frost_photos.cache_clear()
+    C._frost_layers.cache_clear()
+    loaded = C._frost_photos()
+    assert "imagecorruptions" not in sys.modules
+    assert len(loaded) == len(FROST_SHAPES)
+    for photo, (name, shape) in zip(loaded, FROST_SHAPES.items(), strict=True):
+        assert photo.dtype == np.uint8 and photo.shape == (*shape, 3), name
+        np.testing.assert_array_equal(photo, reference_frost_photo(name))
+    y = np.asarray(C.frost(jnp.zeros((2, 16, 16, 3)), 1, KEY))
+    assert 0 < y.mean() <= 0.2
+
+
+def test_frost_without_the_package_names_it(monkeypatch) -> None:
+    import importlib.util
+
+    C._frost_photos.cache_clear()
+    C._frost_layers.cache_clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install imagecorruptions"):
+        C.frost(jnp.zeros((1, 8, 8, 3)), 1, KEY)
+    monkeypatch.undo()
+    C._frost_photos.cache_clear()
+
+
+def locate(target: np.ndarray, layers: list[np.ndarray], tol: float) -> list[tuple[int, int]]:
+    """``(photo, row, col)`` windows of ``layers`` equal to ``target`` ``[h, w, C]`` within
+    ``tol``, among the reference's crop starts ``[0, size - h)``."""
+    h, w = target.shape[:2]
+    hits = []
+    for i, layer in enumerate(layers):
+        starts = layer[: layer.shape[0] - h, : layer.shape[1] - w]
+        for r, c in np.argwhere(np.abs(starts - target[0, 0]).max(axis=-1) <= tol):
+            if np.abs(layer[r : r + h, c : c + w] - target).max() <= tol:
+                hits.append((i, r, c))
+    return hits
+
+
+@pytest.mark.parametrize(
+    "images",
+    [photos(32), IMAGE_SETS["grey16"][0], IMAGE_SETS["rgb24x20"][0], photos(64)[:1]],
+    ids=["rgb32", "grey16", "rgb24x20", "rgb64"],
+)
+def test_frost_is_the_reference_blend_of_a_photo_crop(images: np.ndarray) -> None:
+    """Each example is ``np.uint8(clip(a x + b crop))`` of the reference, with ``crop`` an
+    ``H x W`` window of a frost photograph resized as ``cv2.resize(photo, fx=0.2 s)``
+    (``s = max(1, min(H, W) / 32)``) at a start the reference can draw; the luminance of the
+    RGB crop for grey images. The window is found on a black image (``b crop`` alone), whose
+    draw is the same as the photographs' for the same key and shape."""
+    import cv2
+
+    b, h, w, c = images.shape
+    zoom = 0.2 * max(1.0, min(h, w) / 32)
+    layers = []
+    for name in FROST_SHAPES:
+        rgb = cv2.resize(reference_frost_photo(name), (0, 0), fx=zoom, fy=zoom)
+        layers.append(rgb.astype(np.float64) if c == 3 else (rgb @ LUMA)[..., None])
+    key = jax.random.PRNGKey(7)
+    found = np.asarray(C.frost(jnp.zeros(images.shape), 5, key)) * 255.0 / 0.45
+    # OpenCV's fixed-point bilinear weights can differ by one level where it interpolates.
+    tol = 1e-3 if zoom == 0.2 else 1.0 + 1e-3
+    crops = []
+    for example in found:
+        hits = locate(example, layers, tol)
+        assert hits, "not a crop of a frost photograph at a reference start"
+        i, r, col = hits[0]
+        crops.append(layers[i][r : r + h, col : col + w])
+    crops = np.stack(crops)
+
+    x8 = np.floor(images * 255.0).astype(np.float64)
+    for severity, (a, weight) in {1: (1.0, 0.2), 3: (0.9, 0.4)}.items():
+        expected = np.clip(a * x8 + weight * crops, 0, 255)
+        x = jnp.asarray(x8 / 255.0, jnp.float32)
+        ours = np.asarray(C.frost(x, severity, key)) * 255.0
+        np.testing.assert_allclose(ours, expected, atol=1e-3 if zoom == 0.2 else 0.5)
+        ours_u8 = np.round(np.asarray(C.frost(x, severity, key, quantize=True)) * 255.0)
+        diff = np.abs(ours_u8 - np.uint8(expected))
+        exact = 0.99 if zoom == 0.2 else 0.95
+        assert diff.max() <= 1 and (diff == 0).mean() > exact, (diff.max(), (diff == 0).mean())
+
+
+@pytest.mark.parametrize("image_set", ["rgb32", "grey16"])
+@pytest.mark.parametrize(
+    "name", ["frost", "contrast", "gaussian_blur", "fog", "pixelate", "motion_blur"]
+)
+def test_quantize_equals_uint8_of_the_float_result(name: str, image_set: str) -> None:
+    """``quantize=True`` is ``np.uint8(255 y) / 255`` (truncation, the reference's final cast)
+    of the float result ``y``; for pixelate and motion blur, whose reference output is already
+    uint8 from Pillow or ImageMagick, the rounded ``np.uint8(255 y + 0.5) / 255``."""
+    x = jnp.asarray(IMAGE_SETS[image_set][0])
+    y = np.asarray(C.corrupt(name, x, 3, KEY))
+    q = np.asarray(C.corrupt(name, x, 3, KEY, quantize=True))
+    assert q.dtype == np.float32 and q.shape == y.shape
+    levels = np.round(q * 255.0)
+    np.testing.assert_allclose(q * 255.0, levels, atol=1e-3)
+    offset = 0.5 if name in ("pixelate", "motion_blur") else 0.0
+    np.testing.assert_array_equal(levels, np.uint8(255.0 * y + offset))
+
+
+def test_quantize_keeps_uint8_images_and_jits() -> None:
+    u8 = np.round(photos(32) * 255.0)
+    x = jnp.asarray(u8 / 255.0, jnp.float32)
+    for name in ("contrast", "pixelate"):
+        np.testing.assert_array_equal(np.asarray(C.corrupt(name, x, 0, quantize=True)), x)
+    jitted = jax.jit(C.corrupt, static_argnames=("name", "severity", "quantize"))
+    y = np.asarray(C.corrupt("contrast", x, 2))
+    expected = np.uint8(255.0 * y)
+    np.testing.assert_array_equal(
+        np.round(255.0 * np.asarray(jitted("contrast", x, 2, quantize=True))), expected
+    )
+
+
+def test_fidelity_benchmark_runs() -> None:
+    """``benchmarks/corruption_fidelity.py`` on 4 crops: every row is complete, and with
+    ``quantize=True`` contrast equals the reference's uint8 output value for value."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import corruption_fidelity
+
+    results = corruption_fidelity.measure(crops=4, draws=1, quantize=True)
+    names = ("frost", *corruption_fidelity.RANDOM, *corruption_fidelity.DETERMINISTIC)
+    for name in names:
+        assert sorted(results[name]) == [1, 2, 3, 4, 5], name
+        for row in results[name].values():
+            assert np.isfinite(row["ratio"]) and np.isfinite(row["ratio_quantized"]), name
+    assert all(row["exact_quantized"] == 1.0 for row in results["contrast"].values())
+    assert 0.5 < results["frost_mean_ratio"] < 2.0
