@@ -16,6 +16,7 @@ import pytest
 from conftest import run_cli
 
 from anp_jax import analysis, report
+from anp_jax.evaluation import corruptions as corruption_eval
 from anp_jax.models import PerturbableModel
 
 
@@ -220,7 +221,7 @@ def test_merge_keeps_keys_and_is_atomic(tmp_path):
 def test_corruption_summary_by_hand():
     acc = {"a_1": 0.9, "a_2": 0.7, "b_1": 0.8, "b_2": 0.8}
     base = {"a_1": 0.8, "a_2": 0.6, "b_1": 0.9, "b_2": 0.9}
-    out = report.corruption_summary(acc, 0.95, ("a", "b"), (1, 2), base, 0.9)
+    out = corruption_eval.summary(acc, 0.95, ("a", "b"), (1, 2), base, 0.9)
     assert out["error"] == pytest.approx({"a": 0.2, "b": 0.2})
     assert out["mce"] == pytest.approx(0.2)
     # normalised: (0.1 + 0.3) / (0.2 + 0.4) and (0.2 + 0.2) / (0.1 + 0.1)
