@@ -98,7 +98,8 @@ _BUDGETS = {  # data set -> (linf, l2, PGD curve)
     "mnist": ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0), (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)),
     "cifar10": ((2 / 255, 4 / 255, 8 / 255, 16 / 255), (0.25, 0.5, 1.0),
                 tuple(v / 255 for v in (1, 2, 4, 8, 16, 32, 64, 255))),
-    "imagenet2012": ((2 / 255, 4 / 255), (1.0, 3.0), tuple(v / 255 for v in (1, 2, 4, 16, 255))),
+    "imagenet2012": ((1 / 255, 2 / 255, 4 / 255), (1.0, 3.0),
+                     tuple(v / 255 for v in (1, 2, 4, 16, 255))),
 }
 _QUICK_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "brightness", "contrast")
 
@@ -420,8 +421,9 @@ def write_learning_curves(workdir: str, title: str) -> dict | None:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
+    last = len(header) - 1  # first and last columns are text
+    fmt = lambda r: "  ".join(c.ljust(w) if i in (0, last) else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return [fmt(header), *(fmt(r) for r in rows)]
 
 
@@ -437,8 +439,8 @@ def format_report(report: dict, workdir: str) -> str:
              f"clean accuracy {report['clean_accuracy']:.4f}", ""]
     robust = report.get("robust_accuracy") or {}
     if robust:
-        lines.append("robust accuracy (reported; an example counts only if every attack at "
-                     "the budget fails on it):")
+        lines.append("robust accuracy (the reported number: an image counts only if it is "
+                     "classified correctly clean and under every attack at the budget):")
         lines += ["  " + line for line in _table(
             ["budget", "accuracy", "images", "attack"],
             [[k.replace("_", " "), f"{r['accuracy']:.4f}", str(r["num_examples"]),

@@ -162,6 +162,27 @@ def test_quick_report_prints_a_table(trained, quick):
     assert "Traceback" not in proc.stderr
 
 
+def test_load_run_gives_config_logits_and_test_split(trained):
+    """anp_jax.load_run: the accuracy of its logits_fn over its test batches, computed here
+    by hand, is the trainer's clean accuracy."""
+    import anp_jax
+
+    workdir = trained[1]
+    metrics = json.loads(open(os.path.join(workdir, "metrics.json")).read())
+    run = anp_jax.load_run(workdir, num_devices=1, log=lambda m: None)
+    assert run.config.to_dict() == metrics["config"] and run.config.dataset == "digits"
+    correct = seen = 0
+    for batch in run.test_batches():
+        mask = batch["mask"].reshape(-1)
+        images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
+        logits = np.asarray(run.logits_fn(images))
+        assert logits.shape == (len(mask), 10)
+        correct += int(np.sum((logits.argmax(-1) == batch["label"].reshape(-1)) & mask))
+        seen += int(mask.sum())
+    assert seen == metrics["num_test_examples"] == 359
+    assert correct / seen == pytest.approx(metrics["clean_accuracy"], abs=1e-9)
+
+
 def _one_line_error(capsys, rc, code=2):
     err = capsys.readouterr().err.strip()
     assert rc == code, err

@@ -85,6 +85,8 @@ def accuracy_vs_budget(report: dict, title: str, path: str) -> None:
             ax.plot(*zip(*worst), "k-o", lw=2.5, label="reported: worst case per example")
         ax.axhline(clean, color="grey", lw=0.8, ls="-.", label="clean")
         ax.set_xscale("log")
+        ticks = sorted({e for (_, n), pts in series.items() if n == norm for e, _ in pts})
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=7)
         ax.minorticks_off()
         ax.set_xlabel(f"{'L-inf' if norm == 'linf' else 'L2'} budget (pixels in [0, 1], "
                       "log scale)")

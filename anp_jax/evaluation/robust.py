@@ -49,7 +49,7 @@ def worst_case(runner: Runner, clean: np.ndarray, flags: Flags,
 
     Returns:
       ``{budget key: {"norm", "eps", "accuracy", "num_examples", "attack", "attacks",
-      "strongest_single"[, "autoattack"]}}``, sorted by norm and budget.
+      "strongest_single"[, "autoattack"]}}``, L-inf first, by budget.
     """
     groups: dict[str, dict] = {}
     for label, (norm, eps, correct) in flags.items():
@@ -58,7 +58,7 @@ def worst_case(runner: Runner, clean: np.ndarray, flags: Flags,
     for key, record in (autoattack or {}).items():
         groups.setdefault(key, {"norm": record["norm"], "eps": record["eps"], "flags": {}})
     out = {}
-    for key in sorted(groups, key=lambda k: (groups[k]["norm"], groups[k]["eps"])):
+    for key in sorted(groups, key=lambda k: (groups[k]["norm"] != "linf", groups[k]["eps"])):
         g = groups[key]
         aa = (autoattack or {}).get(key)
         n = len(clean) if aa is None else len(aa["robust"])
