@@ -419,33 +419,19 @@ def write_learning_curves(workdir: str, title: str) -> dict | None:
     return {"plot": rel, "rows": len(rows), "columns": columns}
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    last = len(header) - 1  # first and last columns are text
-    fmt = lambda r: "  ".join(c.ljust(w) if i in (0, last) else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return [fmt(header), *(fmt(r) for r in rows)]
-
-
 def format_report(report: dict, workdir: str) -> str:
     """A readable table of the report, for the terminal: the reported worst case first,
     then the diagnostics."""
     from anp_jax import attacks
+    from anp_jax.evaluation import robust
     from anp_jax.evaluation.corruptions import FAMILY_OF
 
     lines = [f"robustness report of {workdir} (checkpoint {report['checkpoint_step']}, "
              f"{report.get('title', report['model'])}, "
              f"{report['num_examples']} test images{', quick' if report['quick'] else ''})",
              f"clean accuracy {report['clean_accuracy']:.4f}", ""]
-    robust = report.get("robust_accuracy") or {}
-    if robust:
-        lines.append("robust accuracy (the reported number: an image counts only if it is "
-                     "classified correctly clean and under every attack at the budget):")
-        lines += ["  " + line for line in _table(
-            ["budget", "accuracy", "images", "attack"],
-            [[k.replace("_", " "), f"{r['accuracy']:.4f}", str(r["num_examples"]),
-              r["attack"]] for k, r in robust.items()])]
-        lines.append("")
+    robust_lines = robust.table_lines(report.get("robust_accuracy") or {})
+    lines += robust_lines + ([""] if robust_lines else [])
     a = report.get("attacks")
     if a:
         lines.append("diagnostics: each attack alone (quick checks, not the reported number)")

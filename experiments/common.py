@@ -282,8 +282,7 @@ class Runner:
             import jax
 
             jax.clear_caches()
-            with open(key_path, "w") as f:
-                json.dump(key, f, indent=1)
+            io_lib.write_json_atomic(key_path, key, indent=1)
             cached = ""
         else:
             cached = " (cached)"

@@ -85,3 +85,19 @@ def worst_case(runner: Runner, clean: np.ndarray, flags: Flags,
             record["autoattack"] = {k: v for k, v in aa.items() if k != "robust"}
         out[key] = record
     return out
+
+
+def table_lines(records: Mapping[str, dict]) -> list[str]:
+    """The records of :func:`worst_case` as a text table, headed as the reported number."""
+    if not records:
+        return []
+    rows = [["budget", "accuracy", "images", "attack"]] + [
+        [key.replace("_", " "), f"{r['accuracy']:.4f}", str(r["num_examples"]), r["attack"]]
+        for key, r in records.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["robust accuracy (the reported number: an image counts only if it is classified "
+             "correctly clean and under every attack at the budget):"]
+    for row in rows:
+        lines.append("  " + "  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]),
+                                       row[2].rjust(widths[2]), row[3]]))
+    return lines
