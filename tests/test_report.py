@@ -183,6 +183,42 @@ def test_load_run_gives_config_logits_and_test_split(trained):
     assert correct / seen == pytest.approx(metrics["clean_accuracy"], abs=1e-9)
 
 
+def test_report_with_autoattack_reports_the_worst_case(trained, monkeypatch):
+    """With an AutoAttack cascade installed (a stand-in that fools every odd image), the
+    reported number at its budget is the per-example worst case of it and the attacks."""
+    import dataclasses
+    import sys
+    import types
+
+    def cascade(apply_fn, params, batch_stats, images, labels, *, norm, eps, version, seed,
+                devices):
+        variables = {"params": params, "batch_stats": batch_stats}
+        pred = np.asarray(apply_fn(variables, images, train=False)).argmax(-1)
+        robust = (pred == labels) & (np.arange(len(labels)) % 2 == 0)
+        return {"robust_accuracy": float(robust.mean()), "robust": robust,
+                "stages": {"apgd-ce": float(robust.mean())}}
+
+    monkeypatch.setitem(sys.modules, "anp_jax.evaluation.autoattack",
+                        types.SimpleNamespace(autoattack=cascade))
+    plan = dataclasses.replace(
+        report.make_plan("digits", quick=True), linf_budgets=(0.1,), l2_budgets=(1.0,),
+        curve_budgets=(0.1, 1.0), steps=1, more_steps=2, sections=("clean", "attacks",
+                                                                 "autoattack"),
+        autoattack="quick", autoattack_budgets=(("linf", 0.1),), autoattack_examples=50)
+    r = report.make_report(trained[1], plan=plan, log=lambda m: None)
+    rec = r["robust_accuracy"]["linf_0.1"]
+    aa = r["autoattack"]["records"]["linf_0.1"]
+    assert rec["num_examples"] == aa["num_examples"] == 50
+    assert rec["attack"].startswith("AutoAttack quick preset") and "PGD-1" in rec["attack"]
+    assert rec["accuracy"] <= min(rec["attacks"].values()) + 1e-9
+    assert rec["attacks"][aa["attack"]] == aa["robust_accuracy"] <= 0.5
+    assert rec["autoattack"]["stages"] == aa["stages"]
+    assert r["robust_accuracy"]["l2_1"]["num_examples"] == 359  # no AutoAttack there
+    text = report.format_report(r, trained[1])
+    assert "AutoAttack quick preset" in text and text.index("robust accuracy") < text.index(
+        "diagnostics")
+
+
 def _one_line_error(capsys, rc, code=2):
     err = capsys.readouterr().err.strip()
     assert rc == code, err
