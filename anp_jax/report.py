@@ -312,8 +312,8 @@ def make_report(workdir: str, source_workdir: str | None = None,
     """Computes the report of ``workdir`` (without writing anything).
 
     ``plan`` (default :func:`make_plan` of the run's data set) names the sections and their
-    settings; ``clean`` always runs, and ``attacks`` is needed by ``sanity`` and the worst
-    case.
+    settings; ``clean`` always runs; ``robust_accuracy`` combines ``attacks`` and
+    ``autoattack``, ``sanity`` checks ``attacks``.
     """
     from anp_jax.evaluation import plots, robust, sanity
     from anp_jax.evaluation.runner import Runner
@@ -365,13 +365,12 @@ def make_report(workdir: str, source_workdir: str | None = None,
         "quick": quick,
         "clean_accuracy": clean,
     }
-    checks = []
-    if "attacks" in sections:
-        aa = ctx.evaluators.get("autoattack")
+    attack_ev, aa = ctx.evaluators.get("attacks"), ctx.evaluators.get("autoattack")
+    if attack_ev is not None or aa is not None:
         report["robust_accuracy"] = robust.worst_case(
-            runner, ctx.evaluators["clean"].correct, ctx.evaluators["attacks"].flags,
+            runner, ctx.evaluators["clean"].correct, attack_ev.flags if attack_ev else {},
             aa.records if aa is not None else None)
-        checks = sanity_checks(sections["attacks"], clean, plan)
+    checks = sanity_checks(sections["attacks"], clean, plan) if "attacks" in sections else []
     for name in plan.sections:
         if name in sections and name not in ("clean", "boundary_distance"):
             report[name] = sections[name]

@@ -16,6 +16,7 @@ changes.
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -33,7 +34,8 @@ VERSIONS = {
 
 def available() -> bool:
     """Whether the AutoAttack cascade is installed in this copy of anp_jax."""
-    return importlib.util.find_spec("anp_jax.evaluation.autoattack") is not None
+    name = "anp_jax.evaluation.autoattack"
+    return name in sys.modules or importlib.util.find_spec(name) is not None
 
 
 class Evaluator:
