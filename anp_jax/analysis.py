@@ -45,7 +45,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from anp_jax.adversarial import kl_divergence
 from anp_jax.models import PERTURBATIONS
+from anp_jax.noise import _TINY
+from anp_jax.noise import per_example_norm as _norm
 
 PyTree = Any
 ApplyFn = Callable[..., jax.Array]
@@ -59,16 +62,10 @@ __all__ = [
     "representation_change",
 ]
 
-_TINY = 1e-12
-
 
 def _per_example_norm(v: jax.Array) -> jax.Array:
-    """L2 norm over all non-batch dimensions, shaped ``[B]``."""
-    return jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=tuple(range(1, v.ndim))))
-
-
-def _expand(v: jax.Array, like: jax.Array) -> jax.Array:
-    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+    """L2 norm (float32) over all non-batch dimensions, shaped ``[B]``."""
+    return _norm(v).reshape(v.shape[0])
 
 
 def capture_points(apply_fn: ApplyFn, variables: Mapping[str, PyTree], x: jax.Array,
@@ -107,14 +104,8 @@ def relative_noise(rng: jax.Array, z: jax.Array, sigma: float | jax.Array) -> ja
     """Gaussian noise shaped like ``z`` ``[B, ...]`` whose per-example L2 norm is exactly
     ``sigma * ||z_i||_2`` (a zero activation gets zero noise)."""
     u = jax.random.normal(rng, z.shape, jnp.float32)
-    scale = sigma * _per_example_norm(z) / (_per_example_norm(u) + _TINY)
-    return (_expand(scale, u) * u).astype(z.dtype)
-
-
-def _kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
-    log_p = jax.nn.log_softmax(logits_p)
-    log_q = jax.nn.log_softmax(logits_q)
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    scale = sigma * _norm(z) / (_norm(u) + _TINY)
+    return (scale * u).astype(z.dtype)
 
 
 def noise_insensitivity(apply_fn: ApplyFn, variables: Mapping[str, PyTree], x: jax.Array,
@@ -165,7 +156,7 @@ def noise_insensitivity(apply_fn: ApplyFn, variables: Mapping[str, PyTree], x: j
         out[point] = {
             "relative_logit_change": jax.vmap(_per_example_norm)(noisy - logits[None])
             / (clean_norm[None] + _TINY),
-            "kl": jax.vmap(lambda q: _kl(logits, q))(noisy),
+            "kl": jax.vmap(lambda q: kl_divergence(logits, q))(noisy),
             "flipped": (pred != clean_pred[None]).astype(jnp.float32),
             "correct": (pred == y[None]).astype(jnp.float32),
         }

@@ -28,12 +28,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from anp_jax.noise import _TINY, per_example_norm
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 Attack = Callable[..., jax.Array]
@@ -41,7 +43,6 @@ Scalar = float | jax.Array
 
 NORMS = ("linf", "l2")
 
-_TINY = 1e-12
 _APGD_MOMENTUM = 0.75
 
 
@@ -53,11 +54,6 @@ def _check_norm(norm: str) -> None:
 def _per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
     """Reshapes a per-example array ``[B]`` to broadcast against ``like`` ``[B, ...]``."""
     return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
-
-
-def _l2_norm(v: jax.Array) -> jax.Array:
-    """Per-example L2 norm of ``v`` ``[B, ...]``, shaped ``[B, 1, ..., 1]``."""
-    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
 
 
 def _cross_entropy(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -80,10 +76,10 @@ def _ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
     """Steepest-ascent direction of unit ``norm``: ``sign(g)`` (linf) or ``g / ||g||_2`` (l2)."""
     if norm == "linf":
         return jnp.sign(grad)
-    return grad / (_l2_norm(grad) + _TINY)
+    return grad / (per_example_norm(grad) + _TINY)
 
 
-def _project(x_adv: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Array:
+def project(x_adv: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Array:
     """Projects ``x_adv`` onto the ``eps``-ball around ``x`` (per example), then onto ``[0, 1]``.
 
     Clipping to ``[0, 1]`` moves every pixel towards ``x`` (which is in ``[0, 1]``), so it never
@@ -93,7 +89,7 @@ def _project(x_adv: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Arra
     if norm == "linf":
         delta = jnp.clip(delta, -eps, eps)
     else:
-        delta = delta * jnp.minimum(1.0, eps / (_l2_norm(delta) + _TINY))
+        delta = delta * jnp.minimum(1.0, eps / (per_example_norm(delta) + _TINY))
     return jnp.clip(x + delta, 0.0, 1.0)
 
 
@@ -107,8 +103,8 @@ def _random_start(key: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.A
         dim = math.prod(x.shape[1:])
         u = jax.random.uniform(key_radius, (x.shape[0],), x.dtype)
         radius = _per_example(eps * u ** (1.0 / dim), x)
-        delta = radius * direction / (_l2_norm(direction) + _TINY)
-    return _project(x + delta, x, eps, norm)
+        delta = radius * direction / (per_example_norm(direction) + _TINY)
+    return project(x + delta, x, eps, norm)
 
 
 def accuracy(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -133,7 +129,7 @@ def fgsm(
     """
     _check_norm(norm)
     _, grad = _loss_and_grad(logits_fn, x, y)
-    return _project(x + eps * _ascent_direction(grad, norm), x, eps, norm)
+    return project(x + eps * _ascent_direction(grad, norm), x, eps, norm)
 
 
 def step_ll(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar) -> jax.Array:
@@ -154,7 +150,7 @@ def step_ll(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar) -> jax
     del y
     y_ll = jnp.argmin(logits_fn(x), axis=-1)
     _, grad = _loss_and_grad(logits_fn, x, y_ll)
-    return _project(x - eps * jnp.sign(grad), x, eps, "linf")
+    return project(x - eps * jnp.sign(grad), x, eps, "linf")
 
 
 def pgd(
@@ -201,7 +197,7 @@ def pgd(
 
     def step(_: jax.Array, x_adv: jax.Array) -> jax.Array:
         _, grad = _loss_and_grad(logits_fn, x_adv, y)
-        return _project(x_adv + alpha * _ascent_direction(grad, norm), x, eps, norm)
+        return project(x_adv + alpha * _ascent_direction(grad, norm), x, eps, norm)
 
     def run(key: jax.Array) -> jax.Array:
         x_adv = _random_start(key, x, eps, norm) if random_start else x
@@ -268,7 +264,7 @@ def mi_fgsm(
         _, grad = _loss_and_grad(logits_fn, x_adv, y)
         l1_mean = jnp.mean(jnp.abs(grad), axis=tuple(range(1, grad.ndim)), keepdims=True)
         momentum = decay * momentum + grad / jnp.maximum(l1_mean, _TINY)
-        return _project(x_adv + alpha * jnp.sign(momentum), x, eps, "linf"), momentum
+        return project(x_adv + alpha * jnp.sign(momentum), x, eps, "linf"), momentum
 
     x_adv, _ = jax.lax.fori_loop(0, num_steps, step, (x, jnp.zeros_like(x)))
     return x_adv
@@ -358,8 +354,8 @@ def apgd_ce(
     def body(k: jax.Array, s: _APGDState) -> _APGDState:
         momentum = jnp.where(k == 0, 1.0, _APGD_MOMENTUM)
         step = _per_example(s.step_size, x) * _ascent_direction(s.grad, norm)
-        z = _project(s.x_adv + step, x, eps, norm)
-        x_new = _project(
+        z = project(s.x_adv + step, x, eps, norm)
+        x_new = project(
             s.x_adv + momentum * (z - s.x_adv) + (1.0 - momentum) * (s.x_adv - s.x_prev),
             x,
             eps,
@@ -409,32 +405,6 @@ def apgd_ce(
         reduced_at_check=jnp.zeros((batch,), bool),
     )
     return jax.lax.fori_loop(0, num_steps, body, init).x_best
-
-
-def transfer(
-    source_logits_fn: LogitsFn,
-    target_logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    attack: Attack,
-    **kwargs: Any,
-) -> jax.Array:
-    """Crafts adversarial images on the source model for a transfer (black-box) evaluation.
-
-    Args:
-      source_logits_fn: the surrogate model the attack differentiates.
-      target_logits_fn: the attacked model; not queried here (evaluate the returned images on
-        it, e.g. with :func:`accuracy`), accepted to keep call sites explicit.
-      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
-      y: integer labels ``[B]``.
-      attack: one of the attacks of this module.
-      **kwargs: the attack's remaining arguments (``eps``, ``rng``, ...).
-
-    Returns:
-      Adversarial images ``[B, H, W, C]`` crafted on ``source_logits_fn``.
-    """
-    del target_logits_fn
-    return attack(source_logits_fn, x, y, **kwargs)
 
 
 ATTACKS: dict[str, Attack] = {

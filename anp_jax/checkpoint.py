@@ -123,3 +123,36 @@ def _to_state(tree: dict, template: TrainState, devices: list[jax.Device]) -> Tr
         opt_state=jax.tree.map(replicate, tree["opt_state"]),
         rng=replicate(tree["rng"]), noise=jax.tree.map(shard, tree["noise"]),
         adv_delta=shard(tree["adv_delta"]))
+
+
+def restore_variables(directory: str, log: Callable[[str], None] = _print_err
+                      ) -> tuple[dict, dict, int]:
+    """``(params, batch_stats, data position)`` of the newest readable checkpoint in
+    ``directory``, as host arrays, whatever the training method and number of devices.
+
+    Read-only: an unreadable checkpoint is reported with ``log`` and the previous one is
+    tried; nothing is moved or deleted.  Raises :class:`CheckpointError` when no checkpoint
+    can be read.
+    """
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint in {os.path.dirname(directory) or '.'} (no "
+                              f"{os.path.basename(directory)}/ directory)")
+    mngr = manager(directory)
+    reason = ""
+    try:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        for step in steps:
+            try:
+                tree = mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore()))["state"]
+                return tree["params"], tree.get("batch_stats") or {}, int(step)
+            except Exception as err:  # unreadable: report, keep, try the previous one
+                text = str(err).strip().splitlines()
+                reason = f"{type(err).__name__}: {text[0][:200] if text else ''}"
+                log(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
+                    f"({reason}); trying the previous one")
+    finally:
+        mngr.close()
+    raise CheckpointError(f"no readable checkpoint in {directory} ({reason})")

@@ -27,7 +27,7 @@ from flax import jax_utils
 from anp_jax import augment as augment_lib
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
-from anp_jax import evaluate as eval_lib
+from anp_jax import evaluation as eval_lib
 from anp_jax import input_pipeline, schedules
 from anp_jax import noise as noise_lib
 from anp_jax import train as train_lib
@@ -359,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     params = jax.tree.map(ckpt_lib.first_replica, state.params)
     batch_stats = jax.tree.map(ckpt_lib.first_replica, state.batch_stats)
     results = eval_lib.evaluate_batches(
-        state.apply_fn, params, batch_stats, source.eval_batches(),
+        state.apply_fn, params, batch_stats, source.eval_batches,
         attack_ids=tuple(config.eval.attacks), corruption_ids=tuple(config.eval.corruptions),
         seed=config.seed, devices=devices if process_count == 1 else None)
     final_loss = loop["last_epoch_loss"]
@@ -370,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "clean_accuracy": results["clean_accuracy"],
         "adversarial": results["adversarial"],
         "corruption": results["corruption"],
+        "robust_accuracy": results["robust_accuracy"],
         "test_loss": results["loss"],
         "num_test_examples": results["num_examples"],
         "final_train_loss": final_loss,

@@ -39,6 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from anp_jax import io as io_lib
+
 DEFAULT_SEEDS = "0,1,2,3,4"
 DEFAULT_SEVERITY = 3
 
@@ -280,8 +282,7 @@ class Runner:
             import jax
 
             jax.clear_caches()
-            with open(key_path, "w") as f:
-                json.dump(key, f, indent=1)
+            io_lib.write_json_atomic(key_path, key, indent=1)
             cached = ""
         else:
             cached = " (cached)"
@@ -431,11 +432,8 @@ def write_results(settings: Settings, title: str, sections: Sequence[str], raw: 
         "fgsm_id": settings.fgsm_id,
         **raw,
     }
-    tmp = os.path.join(settings.out, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(payload), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, os.path.join(settings.out, "results.json"))
+    io_lib.write_json_atomic(os.path.join(settings.out, "results.json"), _jsonable(payload),
+                             indent=1)
 
 
 def pyplot():
@@ -481,33 +479,19 @@ def accuracy_columns(runner: Runner, name: str) -> list[str]:
 
 
 def masking_notes(runner: Runner, names: Sequence[str], settings: Settings) -> list[str]:
-    """Signs of gradient masking: PGD above FGSM at the same budget (per seed)."""
-    if not (settings.pgd_id and settings.fgsm_id):
-        return []
-    same_budget = settings.pgd_id.split("_", 1)[1] == settings.fgsm_id.split("_", 1)[1]
+    """Signs of gradient masking in each run (per seed): the failed checks of
+    :func:`anp_jax.evaluation.sanity.attack_checks` on its attack accuracies (PGD above
+    FGSM at the same budget, an attack doing better at a larger budget, ...)."""
+    from anp_jax.evaluation import sanity
+
+    del settings
     notes = []
     for name in names:
         for seed, rec in runner.records.get(name, {}).items():
-            if same_budget and rec["pgd"] is not None and rec["fgsm"] is not None \
-                    and rec["pgd"] > rec["fgsm"] + 1e-9:
-                notes.append(f"{name} seed {seed}: PGD {rec['pgd']:.3f} > FGSM "
-                             f"{rec['fgsm']:.3f}")
-            adv = rec["adversarial"]
-            for attack, acc in adv.items():  # a larger budget of the same attack doing better
-                head, _, budget = attack.rpartition("_")
-                for other, acc2 in adv.items():
-                    h2, _, b2 = other.rpartition("_")
-                    if h2 == head and _float(b2) > _float(budget) and acc2 > acc + 1e-9:
-                        notes.append(f"{name} seed {seed}: {other} {acc2:.3f} > "
-                                     f"{attack} {acc:.3f}")
+            notes += [f"{name} seed {seed}: {c['detail']}" for c in
+                      sanity.attack_checks(rec["adversarial"], tolerance=1e-9)
+                      if not c["passed"]]
     return notes
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
 
 
 def masking_section(notes: Sequence[str]) -> str:

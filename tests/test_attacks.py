@@ -213,10 +213,22 @@ def test_single_step_attacks_match_analytic_gradient(softmax_regression):
 
 
 def test_transfer_crafts_on_source(softmax_regression, model):
+    """The evaluation's transfer attack: images crafted on the source, scored on the target."""
+    from anp_jax.evaluation import Model, Runner
+    from anp_jax.evaluation import attacks as attack_eval
+
     source, _, _, x, y = softmax_regression
     target = model[0]
-    x_adv = attacks.transfer(source, target, x, y, attacks.fgsm, eps=0.05)
-    np.testing.assert_array_equal(x_adv, attacks.fgsm(source, x, y, 0.05))
+
+    def as_model(fn):
+        return Model(lambda variables, images, train=False: fn(images), {"params": {}})
+
+    runner = Runner([{"image": np.asarray(x)[None], "label": np.asarray(y)[None],
+                      "mask": np.ones((1, len(y)), bool)}], devices=jax.local_devices()[:1])
+    ev = attack_eval.Evaluator(runner, ["fgsm_linf_0.05"], source=as_model(source))
+    x_adv = attacks.fgsm(source, x, y, 0.05)
+    np.testing.assert_array_equal(ev.correct(as_model(target), "fgsm_linf_0.05"),
+                                  np.argmax(np.asarray(target(x_adv)), -1) == np.asarray(y))
 
 
 def test_pgd_restarts_keep_first_fooling_or_highest_loss(model):

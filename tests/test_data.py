@@ -290,16 +290,21 @@ def test_report_evaluates_prepared_cifar10_c(fake):
     """The report's TFDS CIFAR-10-C section: accuracy on each prepared set equals the
     model's accuracy on the original .npy images, computed directly; the rest is listed
     as not prepared."""
-    from anp_jax import report
+    from anp_jax.evaluation import Model, Runner
+    from anp_jax.evaluation import corruptions as corruption_eval
 
     model = create_model("digits_cnn", num_classes=10)
     x0 = np.zeros((1, 32, 32, 3), np.float32)
     variables = dict(model.init(jax.random.PRNGKey(3), x0, train=False))
-    run = report.Run("-", {}, {"dataset": "cifar10"}, model, variables, 0, (32, 32, 3), 10)
     test_x, test_y = fake["test"]
-    ev = report.Evaluator(test_x.astype(np.float32) / 255, test_y, 8, jax.local_devices()[:2])
-    out = report.tfds_corruption_accuracies(ev, run, ["gaussian_noise", "fog"], (2, 3),
-                                            data_dir=fake["dir"])
+
+    def make_runner(images, labels):
+        return Runner(list(data_lib.eval_batches(images, labels, 8, 2)),
+                      devices=jax.local_devices()[:2])
+
+    out = corruption_eval.tfds_accuracies(Model.from_module(model, variables),
+                                          ["gaussian_noise", "fog"], (2, 3), make_runner,
+                                          data_dir=fake["dir"])
     assert sorted(out["unavailable"]) == ["fog_2", "fog_3", "gaussian_noise_2"]
     images = fake["corrupted"][2 * N_TEST:3 * N_TEST].astype(np.float32) / 255
     pred = np.argmax(model.apply(variables, images, train=False), -1)

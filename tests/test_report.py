@@ -16,6 +16,7 @@ import pytest
 from conftest import run_cli
 
 from anp_jax import analysis, report
+from anp_jax.evaluation import corruptions as corruption_eval
 from anp_jax.models import PerturbableModel
 
 
@@ -161,6 +162,66 @@ def test_quick_report_prints_a_table(trained, quick):
     assert "Traceback" not in proc.stderr
 
 
+def test_load_run_gives_config_logits_and_test_split(trained):
+    """anp_jax.load_run: the accuracy of its logits_fn over its test batches, computed here
+    by hand, is the trainer's clean accuracy."""
+    import anp_jax
+
+    workdir = trained[1]
+    metrics = json.loads(open(os.path.join(workdir, "metrics.json")).read())
+    run = anp_jax.load_run(workdir, num_devices=1, log=lambda m: None)
+    assert run.config.to_dict() == metrics["config"] and run.config.dataset == "digits"
+    correct = seen = 0
+    for batch in run.test_batches():
+        mask = batch["mask"].reshape(-1)
+        images = batch["image"].reshape((-1,) + batch["image"].shape[2:])
+        logits = np.asarray(run.logits_fn(images))
+        assert logits.shape == (len(mask), 10)
+        correct += int(np.sum((logits.argmax(-1) == batch["label"].reshape(-1)) & mask))
+        seen += int(mask.sum())
+    assert seen == metrics["num_test_examples"] == 359
+    assert correct / seen == pytest.approx(metrics["clean_accuracy"], abs=1e-9)
+
+
+def test_report_with_autoattack_reports_its_record(trained, monkeypatch):
+    """With an AutoAttack cascade installed (a stand-in that fools every odd image), the
+    reported number at its budget is its worst case with the clean errors, over the images
+    it ran on (the combination with other attacks: tests/test_evaluation.py)."""
+    import dataclasses
+    import sys
+    import types
+
+    import anp_jax
+
+    def cascade(apply_fn, params, batch_stats, images, labels, *, norm, eps, version, seed,
+                devices):
+        variables = {"params": params, "batch_stats": batch_stats}
+        pred = np.asarray(apply_fn(variables, images, train=False)).argmax(-1)
+        robust = (pred == labels) & (np.arange(len(labels)) % 2 == 0)
+        return {"robust_accuracy": float(robust.mean()), "robust": robust,
+                "stages": {"apgd-ce": float(robust.mean())}}
+
+    monkeypatch.setitem(sys.modules, "anp_jax.evaluation.autoattack",
+                        types.SimpleNamespace(autoattack=cascade))
+    plan = dataclasses.replace(report.make_plan("digits", quick=True),
+                               sections=("clean", "autoattack"))
+    assert plan.autoattack == "quick" and plan.autoattack_budgets == (("linf", 0.1),)
+    plan = dataclasses.replace(plan, autoattack_examples=50)
+    r = report.make_report(trained[1], plan=plan, log=lambda m: None)
+    rec, aa = r["robust_accuracy"]["linf_0.1"], r["autoattack"]["records"]["linf_0.1"]
+    run = anp_jax.load_run(trained[1], num_devices=1, log=lambda m: None)
+    batch = next(iter(run.test_batches()))
+    images = batch["image"].reshape((-1, 8, 8, 1))[:50]
+    pred = np.asarray(run.logits_fn(images)).argmax(-1)
+    expected = np.mean((pred == batch["label"].reshape(-1)[:50]) & (np.arange(50) % 2 == 0))
+    assert rec["accuracy"] == pytest.approx(expected) == aa["robust_accuracy"]
+    assert rec["num_examples"] == aa["num_examples"] == 50
+    assert rec["attack"] == aa["attack"] and rec["attack"].startswith("AutoAttack quick preset")
+    assert rec["autoattack"]["stages"] == aa["stages"]
+    text = report.format_report(r, trained[1])
+    assert text.index("robust accuracy") < text.index(f"{aa['attack']} at linf 0.1: ")
+
+
 def _one_line_error(capsys, rc, code=2):
     err = capsys.readouterr().err.strip()
     assert rc == code, err
@@ -220,7 +281,7 @@ def test_merge_keeps_keys_and_is_atomic(tmp_path):
 def test_corruption_summary_by_hand():
     acc = {"a_1": 0.9, "a_2": 0.7, "b_1": 0.8, "b_2": 0.8}
     base = {"a_1": 0.8, "a_2": 0.6, "b_1": 0.9, "b_2": 0.9}
-    out = report.corruption_summary(acc, 0.95, ("a", "b"), (1, 2), base, 0.9)
+    out = corruption_eval.summary(acc, 0.95, ("a", "b"), (1, 2), base, 0.9)
     assert out["error"] == pytest.approx({"a": 0.2, "b": 0.2})
     assert out["mce"] == pytest.approx(0.2)
     # normalised: (0.1 + 0.3) / (0.2 + 0.4) and (0.2 + 0.2) / (0.1 + 0.1)
