@@ -23,14 +23,15 @@ import ml_collections
 import numpy as np
 from flax import jax_utils
 
-from anp_jax import augment as augment_lib
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
 from anp_jax import evaluate as eval_lib
-from anp_jax import input_pipeline, schedules
 from anp_jax import noise as noise_lib
+from anp_jax import schedules
 from anp_jax import train as train_lib
 from anp_jax.adversarial import Adversary
+from anp_jax.data import augment as augment_lib
+from anp_jax.data import sources as input_pipeline
 from anp_jax.models import MODELS, create_model, select_layers
 
 # Adversarial-training methods and the adversary they use; "anp_" + any of them adds ANP.
@@ -233,9 +234,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     local = jax.local_devices()
     devices = local if config.num_devices == -1 else local[:config.num_devices]
     n_dev = len(devices)
-    if config.batch_size % (n_dev * process_count):
-        raise ConfigError(f"config.batch_size={config.batch_size}: must be a multiple of the "
-                          f"{n_dev * process_count} devices")
     spec = data_lib.get_spec(config.dataset)
     source = input_pipeline.create_source(config, spec, n_dev, process_index, process_count)
     per_epoch = source.steps_per_epoch

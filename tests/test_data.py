@@ -28,11 +28,12 @@ import jax
 import numpy as np
 import pytest
 
-from anp_jax import augment, cli, trainer
+from anp_jax import cli, trainer
 from anp_jax import data as data_lib
-from anp_jax import input_pipeline as ip
 from anp_jax import train as train_lib
 from anp_jax.configs.default import get_config as default_config
+from anp_jax.data import augment
+from anp_jax.data import sources as ip
 from anp_jax.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
