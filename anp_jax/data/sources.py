@@ -183,16 +183,24 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int,
 
 
 class _Source:
-    """What both kinds of source share."""
+    """What both kinds of source share.
 
-    name: str
-    spec: DatasetSpec
-    global_batch: int
-    eval_batch: int
-    num_devices: int
-    process_index: int
-    process_count: int
-    seed: int
+    Attributes:
+      name: the ``DATASETS`` key (``config.dataset``); spec: its ``DatasetSpec``.
+      global_batch: training examples per step, over all devices of all processes.
+      eval_batch: evaluation examples per batch, over all processes (a multiple of the
+        devices of all processes).
+      num_devices: local devices that share a batch; process_index, process_count: this
+        process and how many.
+      seed: the data order's seed.
+    """
+
+    def __init__(self, *, name: str, spec: DatasetSpec, global_batch: int, eval_batch: int,
+                 num_devices: int, process_index: int, process_count: int, seed: int):
+        self.name, self.spec, self.seed = name, spec, seed
+        self.global_batch, self.eval_batch = global_batch, eval_batch
+        self.num_devices = num_devices
+        self.process_index, self.process_count = process_index, process_count
 
     @property
     def local_batch_size(self) -> int:
@@ -236,17 +244,15 @@ class _Source:
 class InMemorySource(_Source):
     """Both splits in host memory; ``train_batch`` is pure in ``(seed, index)``."""
 
-    def __init__(self, *, name: str, spec: DatasetSpec, global_batch: int,
-                 eval_batch: int, num_devices: int, process_index: int, process_count: int,
-                 seed: int, data_dir: str | None = None, download: bool = False,
-                 arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None):
-        self.name, self.spec, self.seed = name, spec, seed
-        self.global_batch, self.eval_batch = global_batch, eval_batch
-        self.num_devices = num_devices
-        self.process_index, self.process_count = process_index, process_count
+    def __init__(self, *, data_dir: str | None = None, download: bool = False,
+                 arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 **common: Any):
+        """``common``: the attributes of :class:`_Source`; ``arrays``: train images and
+        labels, eval images and labels, instead of reading the data set."""
+        super().__init__(**common)
         if arrays is None:
-            train = registry.load_split(name, spec.train_split, data_dir, download)
-            test = registry.load_split(name, spec.test_split, data_dir, download)
+            train = registry.load_split(self.name, self.spec.train_split, data_dir, download)
+            test = registry.load_split(self.name, self.spec.test_split, data_dir, download)
             arrays = (*train, *test)
         self.train_images, self.train_labels, self.eval_images, self.eval_labels = arrays
         self._check_steps(len(self.train_images))
@@ -375,19 +381,17 @@ def preprocess(tf, kind: str, image_bytes, image_shape: tuple[int, int, int], se
 class StreamingSource(_Source):
     """A tf.data pipeline over the TFDS files (see the module docstring)."""
 
-    def __init__(self, *, name: str, spec: DatasetSpec, global_batch: int,
-                 eval_batch: int, num_devices: int, process_index: int, process_count: int,
-                 seed: int, num_epochs: float = 1.0, data_dir: str | None = None,
+    def __init__(self, *, num_epochs: float = 1.0, data_dir: str | None = None,
                  download: bool = False, image_size: int = 0,
                  shuffle_buffer_size: int = 10_000, prefetch_batches: int = 4,
-                 output_dtype: str = "float32"):
+                 output_dtype: str = "float32", **common: Any):
+        """``common``: the attributes of :class:`_Source`."""
         import tensorflow_datasets as tfds
 
+        super().__init__(**common)
+        name, spec, process_index, process_count = (
+            self.name, self.spec, self.process_index, self.process_count)
         self._tf_mod, self._tfds = _tf(), tfds
-        self.name, self.spec, self.seed = name, spec, seed
-        self.global_batch, self.eval_batch = global_batch, eval_batch
-        self.num_devices = num_devices
-        self.process_index, self.process_count = process_index, process_count
         self.num_epochs = num_epochs
         self.shuffle_buffer_size = shuffle_buffer_size
         self.prefetch_batches = prefetch_batches
@@ -417,7 +421,6 @@ class StreamingSource(_Source):
 
         self.num_train_examples = builder_n = self._train_builder.info.splits[
             train_split].num_examples
-        self._train_shard = _shard_sizes(builder_n, process_count)[process_index]
         self._train_split = tfds.even_splits(train_split, n=process_count)[process_index]
         # Every process takes the same number of steps: the smallest shard decides.
         self._steps = (builder_n // process_count) // self.local_batch_size
