@@ -24,14 +24,14 @@ import numpy as np
 import optax
 from flax import jax_utils
 
-from anp_jax import augment as augment_lib
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
 from anp_jax import evaluation as eval_lib
-from anp_jax import input_pipeline, schedules
 from anp_jax import noise as noise_lib
+from anp_jax import schedules
 from anp_jax import train as train_lib
 from anp_jax.adversarial import Adversary
+from anp_jax.data import augment as augment_lib
 from anp_jax.models import MODELS, create_model, select_layers
 
 # Adversarial-training methods and the adversary they use; "anp_" + any of them adds ANP.
@@ -109,8 +109,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"only {jax.local_device_count()} local devices")
     need(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(config.get("dtype", "float32") in DTYPES, "dtype", f"choose from {', '.join(DTYPES)}")
-    need(config.get("input_pipeline", "auto") in input_pipeline.PIPELINES, "input_pipeline",
-         f"choose from {', '.join(input_pipeline.PIPELINES)}")
+    need(config.get("input_pipeline", "auto") in data_lib.PIPELINES, "input_pipeline",
+         f"choose from {', '.join(data_lib.PIPELINES)}")
     need(config.get("image_size", 0) >= 0, "image_size", "must be >= 0 (0: the data set's)")
     need(config.get("prefetch_batches", 2) >= 0, "prefetch_batches", "must be >= 0")
     need(len(config.get("mean", ())) in (0, 1, 3), "mean", "needs 0, 1 or 3 values")
@@ -248,11 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     local = jax.local_devices()
     devices = local if config.num_devices == -1 else local[:config.num_devices]
     n_dev = len(devices)
-    if config.batch_size % (n_dev * process_count):
-        raise ConfigError(f"config.batch_size={config.batch_size}: must be a multiple of the "
-                          f"{n_dev * process_count} devices")
     spec = data_lib.get_spec(config.dataset)
-    source = input_pipeline.create_source(config, spec, n_dev, process_index, process_count)
+    source = data_lib.create_source(config, spec, n_dev, process_index, process_count)
     per_epoch = source.steps_per_epoch
     total = int(round(config.num_epochs * per_epoch))
 

@@ -65,11 +65,11 @@ from anp_jax import noise as noise_lib
 from anp_jax.adversarial import Adversary
 from anp_jax.configs import default as default_config
 from anp_jax.models import PERTURBATIONS, create_model
+from anp_jax.trainer import DTYPES
 
 IMAGE_SHAPES = {"digits_cnn": (8, 8, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32, 3),
                 "resnet50": (224, 224, 3)}
 NUM_CLASSES = {"resnet50": 1000}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RATIO_KEYS = ("anp_k1", "anp_k3", "replay_k3", "pgd_at", "trades", "fast_at", "free_at")
 LEARNING_RATE = 0.01
 # Dense peak TFLOP/s by device kind (NVIDIA's data sheets; float32 matmuls and convolutions

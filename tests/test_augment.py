@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anp_jax import augment
+from anp_jax.data import augment
 
 
 def images(n=64, h=8, w=8, c=3, seed=0):

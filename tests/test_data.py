@@ -9,6 +9,9 @@ run TFDS's own builders on them:
   that directory (as TFDS's own builder tests do).
 * CIFAR-10-C: ``CIFAR-10-C/gaussian_noise.npy`` (5 severities stacked) and ``labels.npy``,
   through TFDS's ``cifar10_corrupted`` builder the same way.
+* Fashion-MNIST: the four IDX files (``tests/test_fashion_mnist.py`` writes them) in
+  ``<data_dir>/downloads/manual/``, through the project's builder, checked against their
+  own SHA-256 digests.
 * ImageNet: ``ILSVRC2012_img_train.tar`` (one tar of JPEGs per synset) and
   ``ILSVRC2012_img_val.tar`` in ``<data_dir>/downloads/manual/``, prepared by TFDS's
   ``imagenet2012`` builder through ``anp_jax.data`` with ``download=True``, exactly the path
@@ -27,16 +30,22 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
+from test_fashion_mnist import N_TEST as N_FASHION_TEST
+from test_fashion_mnist import N_TRAIN as N_FASHION_TRAIN
+from test_fashion_mnist import write_files as write_fashion_mnist
 
-from anp_jax import augment, cli, trainer
+from anp_jax import cli, trainer
 from anp_jax import data as data_lib
-from anp_jax import input_pipeline as ip
 from anp_jax import train as train_lib
 from anp_jax.configs.default import get_config as default_config
+from anp_jax.data import augment
+from anp_jax.data import sources as ip
+from anp_jax.data.builders import fashion_mnist
 from anp_jax.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("mnist_lenet", "cifar10_vgg16", "cifar10_resnet18", "imagenet_resnet50")
+CONFIGS = ("mnist_lenet", "cifar10_vgg16", "cifar10_resnet18", "imagenet_resnet50",
+           "fashion_lenet", "fashion_vgg")
 N_PER_FILE, N_TEST, N_VAL = 20, 31, 10  # CIFAR: 5 x 20 training, 31 test images
 WNIDS = ("n01440764", "n01443537", "n01484850")  # the first three ImageNet classes: 0, 1, 2
 
@@ -155,6 +164,10 @@ def fake(tmp_path_factory):
         prepare_with_local_files("mnist", tfds_dir, write_mnist(str(root / "mnist")))
     write_imagenet(data_lib.manual_dir(tfds_dir))
     data_lib.get_builder("imagenet2012", tfds_dir, download=True)  # the user's way
+    _, digests = write_fashion_mnist(data_lib.manual_dir(tfds_dir))
+    with mock.patch.dict(fashion_mnist.SHA256, digests), \
+            mock.patch.object(fashion_mnist, "SYSTEM_DIRS", ()):  # not the real files
+        data_lib.get_builder("fashion_mnist", tfds_dir)
     return {"dir": tfds_dir, "train": (train_x, train_y), "test": (test_x, test_y),
             "corrupted": corrupted}
 
@@ -394,7 +407,7 @@ def test_imagenet_stream(fake):
     src = source(fake, "imagenet2012", image_size=32, batch=4, eval_batch=4)
     assert (src.num_train_examples, src.num_eval_examples, src.image_shape) == \
         (18, N_VAL, (32, 32, 3))
-    assert src.steps_per_epoch == 4 and src.num_classes == 1000
+    assert src.steps_per_epoch == 4 and src.spec.num_classes == 1000
     batch = src.train_batch(0)
     check_batch(batch, (2, 2), (32, 32, 3))
     assert set(np.unique([src.train_batch(i)["label"] for i in range(4)])) == {0, 1, 2}
@@ -474,7 +487,8 @@ def test_config_is_valid(name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_without_data_fails_in_one_line(name, tmp_path, capsys):
+def test_config_without_data_fails_in_one_line(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIRS", ())  # as if Debian's files were not here
     config, path = load_config(name)
     empty = tmp_path / "no_data"
     rc = cli.main(["train", f"--workdir={tmp_path / 'run'}", f"--config={path}",
@@ -503,8 +517,9 @@ def test_config_trains_first_steps(name, fake, tmp_path):
     steps = 2 if name == "mnist_lenet" else 1
     out = run_main("start", name, fake["dir"], str(tmp_path / "run"), str(steps))
     assert out["batches"] == steps and out["finite"]
-    assert out["num_test_examples"] == {"mnist_lenet": 12, "imagenet_resnet50": N_VAL}.get(
-        name, N_TEST)
+    assert out["num_test_examples"] == {"mnist_lenet": 12, "imagenet_resnet50": N_VAL,
+                                        "fashion_lenet": N_FASHION_TEST,
+                                        "fashion_vgg": N_FASHION_TEST}.get(name, N_TEST)
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,7 +553,8 @@ def _main_start(name, data_dir, workdir, steps):
         config.eval.attacks, config.eval.corruptions = (), ()
         if config.dataset == "imagenet2012":
             config.image_size = 32  # the real stream, cropped small: ResNet-50 on 2 cores
-    n_train = {"mnist": 40, "cifar10": 100, "imagenet2012": 6 * len(WNIDS)}[config.dataset]
+    n_train = {"mnist": 40, "cifar10": 100, "imagenet2012": 6 * len(WNIDS),
+               "fashion_mnist": N_FASHION_TRAIN}[config.dataset]
     with config.ignore_type():
         config.num_epochs = int(steps) / (n_train // config.batch_size)
     metrics = trainer.train_and_evaluate(config, workdir, log=lambda m: None, progress=False)
@@ -558,7 +574,7 @@ def _main_recipe(data_dir):
     devices = jax.local_devices()[:2]
     src = ip.create_source(config, num_devices=len(devices), process_index=0,
                            process_count=1)
-    model = create_model(config.model, num_classes=src.num_classes, axis_name="batch")
+    model = create_model(config.model, num_classes=src.spec.num_classes, axis_name="batch")
     state = train_lib.create_train_state(
         model, jax.random.PRNGKey(0), (src.per_device_batch_size,) + src.image_shape,
         train_lib.make_optimizer("sgd"))

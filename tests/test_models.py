@@ -78,3 +78,37 @@ def test_select_layers_forms():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'alexnet'"):
         create_model("alexnet")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_points_are_convolution_outputs_before_batchnorm(name):
+    """As VGG's: every hidden point is a convolution's output that BatchNorm normalises.
+
+    Each hidden point is named after its convolution, and in training mode (batch
+    statistics) a constant added at a point before BatchNorm is removed by it: the logits do
+    not change.  At a point after BatchNorm (a block's output, the old placement) they would.
+    """
+    model = _model(name)
+    points = model.perturbation_points()
+    # Enough examples and pixels that every BatchNorm sees a spread (ResNet-50's last stage
+    # is 1x1 here), so that its batch statistics are accurate in float32.
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    convs = {k for k, v in variables["params"].items() if "kernel" in v and v["kernel"].ndim == 4}
+    assert convs == set(points) - {"input"}
+    zeros = jax.tree.map(jnp.zeros_like, variables[PERTURBATIONS])
+
+    @jax.jit
+    def logits(shift):
+        out, _ = model.apply({"params": variables["params"],
+                              "batch_stats": variables["batch_stats"], PERTURBATIONS: shift},
+                             x, train=True, mutable=["batch_stats"])
+        return out
+
+    base = logits(zeros)
+    for point in points[1:]:
+        shifted = dict(zeros, **{point: zeros[point] + 0.5})
+        np.testing.assert_allclose(logits(shifted), base, rtol=1e-3, atol=1e-3, err_msg=point)
+    # The check has teeth: the same shift at the input changes the logits.
+    moved = logits(dict(zeros, input=zeros["input"] + 0.5))
+    assert not np.allclose(moved, base, rtol=1e-2, atol=1e-2)

@@ -48,7 +48,7 @@ def evaluate_batches(apply_fn: Callable, params: PyTree, batch_stats: PyTree,
     Args:
       apply_fn, params, batch_stats: the model (unreplicated parameters).
       batches: ``{"image", "label", "mask"}`` batches shaped ``[devices, per_device, ...]``
-        (``input_pipeline`` sources' ``eval_batches``; pass the method itself, not its
+        (data sources' ``eval_batches``; pass the method itself, not its
         iterator, for a split too large to keep in host memory).
       attack_ids: e.g. ``("fgsm_linf_0.1", "pgd10_linf_0.1")``; budgets in [0, 1] pixels.
       corruption_ids: e.g. ``("gaussian_noise_3",)``.

@@ -10,7 +10,7 @@ The config is read from ``<workdir>/config.json`` when the run wrote one, otherw
 ``config`` section of ``<workdir>/metrics.json``; the parameters and batch statistics from
 the newest readable checkpoint in ``<workdir>/checkpoints`` (read-only: nothing is moved or
 deleted), whatever the training method and number of devices.  The test split comes through
-the run's own input pipeline (:func:`anp_jax.input_pipeline.create_source`), so streaming data
+the run's own input pipeline (:func:`anp_jax.data.create_source`), so streaming data
 sets (ImageNet) work as the in-memory ones do.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
-from anp_jax import input_pipeline
+
 from anp_jax import io as io_lib
 from anp_jax.evaluation.runner import Model
 
@@ -155,13 +155,13 @@ class TrainedRun:
 
     @functools.cached_property
     def source(self) -> Any:
-        """The run's input pipeline (``input_pipeline.create_source``) for evaluation on
+        """The run's input pipeline (``data.create_source``) for evaluation on
         :attr:`devices`: ``source.eval_batches()`` is the test split as the run saw it."""
         config = ml_collections.ConfigDict(self.config.to_dict())
         shards = len(self.devices) * jax.process_count()
         config.batch_size = -(-int(config.batch_size) // shards) * shards
         try:
-            return input_pipeline.create_source(config, num_devices=len(self.devices))
+            return data_lib.create_source(config, num_devices=len(self.devices))
         except data_lib.DatasetError as err:
             raise RunError(str(err)) from None
 

@@ -6,7 +6,7 @@ devices, batch by batch, and the values of the real (unmasked) examples come bac
 in the order of the split.  Sums and means go through :meth:`Runner.total`, which adds the
 processes' shares (multi-host), so each example counts exactly once.
 
-Batches are those of ``input_pipeline`` sources' ``eval_batches()``: ``{"image": f32 [D, b,
+Batches are those of data sources' ``eval_batches()``: ``{"image": f32 [D, b,
 H, W, C], "label": i32 [D, b], "mask": bool [D, b]}`` with ``D`` the local devices; the last
 batch is padded and ``mask`` is False on the padding.  A split small enough
 (``cache_bytes``) is kept in host memory after the first pass; a larger one (ImageNet) is

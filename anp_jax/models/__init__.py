@@ -12,6 +12,7 @@ from anp_jax.models.vgg import VGG
 MODELS: dict[str, Callable[..., PerturbableModel]] = {
     "digits_cnn": DigitsCNN,
     "lenet": LeNet,
+    "vgg8": lambda **kw: VGG(depth=8, **kw),
     "vgg11": lambda **kw: VGG(depth=11, **kw),
     "vgg13": lambda **kw: VGG(depth=13, **kw),
     "vgg16": lambda **kw: VGG(depth=16, **kw),

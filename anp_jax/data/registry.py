@@ -1,11 +1,12 @@
-"""Data sets through TFDS and the in-memory input path.
+"""The registry of data sets and how each one is found, prepared and read.
 
-Every data set, the embedded digits included, is read through a TFDS builder:
+Every data set, the project's own included, is read through a TFDS builder:
 
 =======================================  ===========  =========  ==========================
 ``config.dataset``                       classes      images     input path
 =======================================  ===========  =========  ==========================
 ``digits`` (embedded, no download)       10           8x8x1      in memory
+``fashion_mnist`` (local IDX files)      10           28x28x1    in memory
 ``mnist``                                10           28x28x1    in memory
 ``cifar10``                              10           32x32x3    in memory
 ``cifar10_corrupted/<corruption>_<s>``   10           32x32x3    in memory (test: CIFAR-10-C)
@@ -13,25 +14,19 @@ Every data set, the embedded digits included, is read through a TFDS builder:
 ``imagenet2012_corrupted/<c>_<s>``       1000         224x224x3  tf.data stream (test: -C)
 =======================================  ===========  =========  ==========================
 
+``digits`` and ``fashion_mnist`` are built by this project's builders
+(:mod:`anp_jax.data.builders`) from files already on the machine, never downloaded; the
+others are TFDS's own builders.
+
 The corrupted sets have a test split only: they train on the training split of the clean set
 (``DatasetSpec.train_from``) and evaluate on the corrupted one, so ``config.dataset`` is the
 only thing a user changes.  ``<s>`` is the severity 1..5; the corruption names are TFDS's
 (``frosted_glass_blur`` and ``elastic`` for CIFAR-10-C), and the names of
 :mod:`anp_jax.corruptions` (``glass_blur``, ``elastic_transform``) are accepted as aliases.
 
-Pixels are in [0, 1] (``to_float``); a model that wants standardised inputs does it inside
-(``mean``/``std`` attributes), so attack budgets stay in pixel units.
-
-Splits that fit in host memory are read once into NumPy arrays (``load_split``); the training
-stream is then a pure function of ``(seed, epoch, batch index)`` (a fresh permutation per
-epoch, the last partial batch dropped so that the noise registers keep one shape), which makes
-the data position a single integer that a checkpoint can store.  Evaluation covers the whole
-split: the last batch is padded and masked, never dropped.  The large sets stream through
-tf.data instead (:mod:`anp_jax.input_pipeline`).
-
-Batches are ``{"image": float32 [..., H, W, C] in [0, 1], "label": int32 [...]}``; for
-pmap the leading axes are ``[devices, per_device_batch]``.  With several processes, each
-reads only its own slice of every global batch.
+:func:`load_split` reads a split that fits in host memory into NumPy arrays (uint8 images);
+the batching of those arrays and the tf.data stream of the large sets are in
+:mod:`anp_jax.data.sources`.
 
 A data set that is not there raises :class:`DatasetError` with one line that says which one,
 where TFDS looked, and how to get it.
@@ -44,7 +39,6 @@ import dataclasses
 import difflib
 import logging
 import os
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -62,7 +56,8 @@ class DatasetSpec:
       num_classes: number of classes.
       image_shape: ``(H, W, C)`` of the images the model sees (ImageNet: the 224x224 crops).
       train_split, test_split: split names.
-      embedded: built locally by this project, no download.
+      embedded: built by this project's builder (``builders.BUILDERS[tfds_name]``) from
+        files on the machine, never downloaded.
       train_from: the ``DATASETS`` key whose ``train_split`` is used for training ("" for
         this one); the corrupted sets, which have a test split only, train on the clean set.
       streaming: too large for host memory: read through the tf.data pipeline.
@@ -81,7 +76,7 @@ class DatasetSpec:
     image_shape: tuple[int, int, int]
     train_split: str = "train"
     test_split: str = "test"
-    embedded: bool = False  # built locally, no download
+    embedded: bool = False
     train_from: str = ""
     streaming: bool = False
     train_preprocess: str = "decode"
@@ -113,6 +108,7 @@ _IMAGENET = dict(num_classes=1000, image_shape=(224, 224, 3), streaming=True,
 def _build_registry() -> dict[str, DatasetSpec]:
     reg = {
         "digits": DatasetSpec("digits", 10, (8, 8, 1), embedded=True),
+        "fashion_mnist": DatasetSpec("fashion_mnist_idx", 10, (28, 28, 1), embedded=True),
         "mnist": DatasetSpec("mnist", 10, (28, 28, 1), archives=(
             "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")),
@@ -141,8 +137,8 @@ DATASETS: dict[str, DatasetSpec] = _build_registry()
 
 def describe_datasets() -> str:
     """The data set names, short: the corrupted families as patterns."""
-    return ("digits, mnist, cifar10, cifar10_corrupted/<corruption>_<1-5>, imagenet2012, "
-            "imagenet2012_corrupted/<corruption>_<1-5>")
+    return ("digits, fashion_mnist, mnist, cifar10, cifar10_corrupted/<corruption>_<1-5>, "
+            "imagenet2012, imagenet2012_corrupted/<corruption>_<1-5>")
 
 
 def default_data_dir() -> str:
@@ -244,15 +240,15 @@ def get_builder(name: str, data_dir: str | None = None, download: bool = False,
     """
     import tensorflow_datasets as tfds
 
+    from anp_jax.data import builders  # registers the project's builders with TFDS
+
     spec = get_spec(name)
     data_dir = data_dir or default_data_dir()
     what = repr(name) if not for_dataset or for_dataset == name else \
         f"{name!r} (the training split of {for_dataset!r})"
     try:
         if spec.embedded:
-            from anp_jax import datasets  # registers the project's builders
-
-            builder = {"digits": datasets.Digits}[name](data_dir=data_dir)
+            builder = builders.BUILDERS[spec.tfds_name](data_dir=data_dir)
         else:
             with _quiet_absl():  # "Variant folder ... has no dataset_info.json" when absent
                 builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
@@ -268,6 +264,9 @@ def get_builder(name: str, data_dir: str | None = None, download: bool = False,
         config = tfds.download.DownloadConfig(try_download_gcs=not (spec.embedded or offline))
         try:
             builder.download_and_prepare(download_config=config)
+        except builders.SourceFilesError as err:  # the project's builders say it all
+            raise DatasetError(f"dataset {what} could not be prepared in {data_dir}: {err}"
+                               ) from None
         except Exception as err:  # a failed download or preparation: report it in one line
             raise DatasetError(
                 f"dataset {what} could not be prepared in {data_dir}: {_first_line(err)}; "
@@ -278,16 +277,12 @@ def get_builder(name: str, data_dir: str | None = None, download: bool = False,
         f"{_how_to_get(name, spec, data_dir)}")
 
 
-def _builder(name: str, data_dir: str | None, download: bool):
-    return get_builder(name, data_dir, download)
-
-
 def load_split(name: str, split: str, data_dir: str | None = None,
                download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Reads a whole split: ``images`` uint8 ``[N, H, W, C]`` and ``labels`` int32 ``[N]``.
 
     For a corrupted set the training split is the clean set's (``resolve_split``).  The
-    streaming sets (ImageNet) do not fit in memory: use :mod:`anp_jax.input_pipeline`.
+    streaming sets (ImageNet) do not fit in memory: use :func:`anp_jax.data.create_source`.
     """
     import tensorflow_datasets as tfds
 
@@ -298,58 +293,6 @@ def load_split(name: str, split: str, data_dir: str | None = None,
                            f"it has: {', '.join(builder.info.splits)}")
     if get_spec(source).streaming:
         raise DatasetError(f"dataset {name!r} is too large to read into memory; it streams "
-                           "through anp_jax.input_pipeline.create_source")
+                           "through anp_jax.data.create_source")
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
     return np.asarray(data["image"], np.uint8), np.asarray(data["label"], np.int32)
-
-
-def to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [0, 1]."""
-    return images.astype(np.float32) / 255.0
-
-
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    """Full batches per epoch (the remainder is dropped)."""
-    return num_examples // global_batch
-
-
-def train_batch(images: np.ndarray, labels: np.ndarray, seed: int, index: int,
-                global_batch: int, num_devices: int, process_index: int = 0,
-                process_count: int = 1) -> dict[str, np.ndarray]:
-    """Global training batch number ``index`` (counted from the start of training).
-
-    Each epoch is a fresh permutation of the split, drawn from ``(seed, epoch)``.  Returns
-    this process's slice, shaped ``[num_devices, per_device_batch, ...]``.
-    """
-    per_epoch = steps_per_epoch(len(images), global_batch)
-    epoch, position = divmod(index, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(images))
-    chosen = order[position * global_batch:(position + 1) * global_batch]
-    per_process = global_batch // process_count
-    chosen = chosen[process_index * per_process:(process_index + 1) * per_process]
-    return {
-        "image": to_float(images[chosen]).reshape((num_devices, -1) + images.shape[1:]),
-        "label": labels[chosen].reshape(num_devices, -1),
-    }
-
-
-def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int,
-                 num_devices: int, process_index: int = 0, process_count: int = 1
-                 ) -> Iterator[dict[str, np.ndarray]]:
-    """The whole split in order, the last batch padded; ``mask`` marks real examples.
-
-    Yields this process's slice of each global batch, shaped
-    ``[num_devices, per_device_batch, ...]``.
-    """
-    n = len(images)
-    per_process = global_batch // process_count
-    for start in range(0, n, global_batch):
-        idx = np.arange(start, start + global_batch)
-        idx = idx[process_index * per_process:(process_index + 1) * per_process]
-        mask = idx < n
-        idx = np.where(mask, idx, 0)
-        yield {
-            "image": to_float(images[idx]).reshape((num_devices, -1) + images.shape[1:]),
-            "label": labels[idx].reshape(num_devices, -1),
-            "mask": mask.reshape(num_devices, -1),
-        }

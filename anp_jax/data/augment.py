@@ -6,7 +6,7 @@ jit-able, a fresh crop offset and flip for every example, the same output for th
 
 Use it inside the (p)mapped training step, on the batch that comes from the input pipeline::
 
-    from anp_jax import augment
+    from anp_jax.data import augment
 
     aug = augment.get(config.augment)                    # "none" or "pad_crop_flip"
     def step(state, batch, hp, rng):                     # pmap(..., in_axes=(0, 0, None, None))

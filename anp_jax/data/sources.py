@@ -1,4 +1,4 @@
-"""Input pipelines, in the style of Flax's ImageNet example.
+"""Input sources, in the style of Flax's ImageNet example: what the trainer reads.
 
 :func:`create_source` gives the trainer one object per run, whatever the data set:
 
@@ -14,13 +14,18 @@
 ``source.steps_per_epoch``      training batches per epoch (full batches only)
 ``source.num_train_examples``   size of the training split
 ``source.image_shape``          ``(H, W, C)`` of the batches (for ``init``)
+``source.spec``                 the data set's :class:`~anp_jax.data.registry.DatasetSpec`
 ==============================  =====================================================
 
 Two kinds of source, chosen by ``config.input_pipeline`` (``"auto"``: by the data set):
 
-* :class:`InMemorySource` (``digits``, ``mnist``, ``cifar10``, ``cifar10_corrupted/*``): the
-  splits are read once into host memory (:func:`anp_jax.data.load_split`);
-  ``train_batch(i)`` is a pure function of ``(seed, i)`` (:func:`anp_jax.data.train_batch`).
+* :class:`InMemorySource` (``digits``, ``fashion_mnist``, ``mnist``, ``cifar10``,
+  ``cifar10_corrupted/*``): the splits are read once into host memory as uint8
+  (:func:`anp_jax.data.registry.load_split`); the training stream is then a pure function
+  of ``(seed, epoch, batch index)`` (:func:`train_batch`: a fresh permutation per epoch, the
+  last partial batch dropped so that the noise registers keep one shape), which makes the
+  data position a single integer that a checkpoint can store.  Evaluation covers the whole
+  split (:func:`eval_batches`): the last batch is padded and masked, never dropped.
 * :class:`StreamingSource` (``imagenet2012``, ``imagenet2012_corrupted/*``; any set with
   ``config.input_pipeline="stream"``): a tf.data pipeline over the TFDS files.  Training:
   this process's part of the split (``tfds.even_splits``), files and examples shuffled with
@@ -32,8 +37,11 @@ Two kinds of source, chosen by ``config.input_pipeline`` (``"auto"``: by the dat
   gives exactly the batches an uninterrupted run would have had.  Evaluation: decode +
   central crop + resize, every example once.
 
-Pixels are float32 in [0, 1] in both; augmentation of the small sets (pad, crop, flip) runs
-on the device (:mod:`anp_jax.augment`).
+Pixels are float32 in [0, 1] in both (``to_float``); a model that wants standardised inputs
+does it inside (``mean``/``std`` attributes), so attack budgets stay in pixel units.
+Augmentation of the small sets (pad, crop, flip) runs on the device
+(:mod:`anp_jax.data.augment`).  With several processes, each reads only its own slice of
+every global batch.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from anp_jax import data as data_lib
+from anp_jax.data import registry
+from anp_jax.data.registry import DatasetError, DatasetSpec
 
 PIPELINES = ("auto", "memory", "stream")
 CROP_PADDING = 32  # ImageNet evaluation: central crop of size/(size+32) of the shorter side
@@ -56,7 +65,7 @@ def _cfg(config: Any, field: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def create_source(config: Any, spec: data_lib.DatasetSpec | None = None,
+def create_source(config: Any, spec: DatasetSpec | None = None,
                   num_devices: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, *, data_dir: str | None = None
                   ) -> InMemorySource | StreamingSource:
@@ -67,19 +76,20 @@ def create_source(config: Any, spec: data_lib.DatasetSpec | None = None,
         ``seed``, ``num_epochs``, ``eval.batch_size``; optional ``input_pipeline``
         (``"auto"``, ``"memory"``, ``"stream"``), ``image_size`` (0: the data set's),
         ``shuffle_buffer_size``, ``prefetch_batches``).
-      spec: ``data_lib.get_spec(config.dataset)`` unless given.
+      spec: ``registry.get_spec(config.dataset)`` unless given.
       num_devices: local devices that share a batch (default: ``config.num_devices``, -1
         meaning all local devices).
       process_index, process_count: this process and how many (default: JAX's).
       data_dir: overrides ``config.data_dir``.
 
     Raises:
-      data_lib.DatasetError: the data set is not there (one line: which, where, how to get
-        it), or ``batch_size`` does not fit it.
+      DatasetError: the data set is not there (one line: which, where, how to get it), or
+        ``batch_size`` does not fit it (not a multiple of the devices of all processes, or
+        larger than the training split).
     """
     import jax
 
-    spec = spec or data_lib.get_spec(config.dataset)
+    spec = spec or registry.get_spec(config.dataset)
     if num_devices is None:
         n = _cfg(config, "num_devices", -1)
         num_devices = jax.local_device_count() if n == -1 else n
@@ -88,12 +98,12 @@ def create_source(config: Any, spec: data_lib.DatasetSpec | None = None,
     data_dir = data_dir or _cfg(config, "data_dir", "") or None
     kind = _cfg(config, "input_pipeline", "auto")
     if kind not in PIPELINES:
-        raise data_lib.DatasetError(f"config.input_pipeline={kind!r}: choose from "
-                                    f"{', '.join(PIPELINES)}")
+        raise DatasetError(f"config.input_pipeline={kind!r}: choose from "
+                           f"{', '.join(PIPELINES)}")
     if kind == "auto":
         kind = "stream" if spec.streaming else "memory"
     if config.batch_size % (num_devices * process_count):
-        raise data_lib.DatasetError(
+        raise DatasetError(
             f"config.batch_size={config.batch_size}: must be a multiple of the "
             f"{num_devices * process_count} devices")
     shards = num_devices * process_count
@@ -112,21 +122,85 @@ def create_source(config: Any, spec: data_lib.DatasetSpec | None = None,
         prefetch_batches=int(_cfg(config, "prefetch_batches", 4)), **common)
 
 
+# ---------------------------------------------------------------------------------------
+# In memory: pure functions of the arrays
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels to float32 in [0, 1]."""
+    return images.astype(np.float32) / 255.0
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Full batches per epoch (the remainder is dropped)."""
+    return num_examples // global_batch
+
+
+def train_batch(images: np.ndarray, labels: np.ndarray, seed: int, index: int,
+                global_batch: int, num_devices: int, process_index: int = 0,
+                process_count: int = 1) -> dict[str, np.ndarray]:
+    """Global training batch number ``index`` (counted from the start of training).
+
+    Each epoch is a fresh permutation of the split, drawn from ``(seed, epoch)``.  Returns
+    this process's slice, shaped ``[num_devices, per_device_batch, ...]``.
+    """
+    per_epoch = steps_per_epoch(len(images), global_batch)
+    epoch, position = divmod(index, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(images))
+    chosen = order[position * global_batch:(position + 1) * global_batch]
+    per_process = global_batch // process_count
+    chosen = chosen[process_index * per_process:(process_index + 1) * per_process]
+    return {
+        "image": to_float(images[chosen]).reshape((num_devices, -1) + images.shape[1:]),
+        "label": labels[chosen].reshape(num_devices, -1),
+    }
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, global_batch: int,
+                 num_devices: int, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """The whole split in order, the last batch padded; ``mask`` marks real examples.
+
+    Yields this process's slice of each global batch, shaped
+    ``[num_devices, per_device_batch, ...]``.
+    """
+    n = len(images)
+    per_process = global_batch // process_count
+    for start in range(0, n, global_batch):
+        idx = np.arange(start, start + global_batch)
+        idx = idx[process_index * per_process:(process_index + 1) * per_process]
+        mask = idx < n
+        idx = np.where(mask, idx, 0)
+        yield {
+            "image": to_float(images[idx]).reshape((num_devices, -1) + images.shape[1:]),
+            "label": labels[idx].reshape(num_devices, -1),
+            "mask": mask.reshape(num_devices, -1),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# The sources
+
+
 class _Source:
-    """What both kinds of source share."""
+    """What both kinds of source share.
 
-    name: str
-    spec: data_lib.DatasetSpec
-    global_batch: int
-    eval_batch: int
-    num_devices: int
-    process_index: int
-    process_count: int
-    seed: int
+    Attributes:
+      name: the ``DATASETS`` key (``config.dataset``); spec: its ``DatasetSpec``.
+      global_batch: training examples per step, over all devices of all processes.
+      eval_batch: evaluation examples per batch, over all processes (a multiple of the
+        devices of all processes).
+      num_devices: local devices that share a batch; process_index, process_count: this
+        process and how many.
+      seed: the data order's seed.
+    """
 
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
+    def __init__(self, *, name: str, spec: DatasetSpec, global_batch: int, eval_batch: int,
+                 num_devices: int, process_index: int, process_count: int, seed: int):
+        self.name, self.spec, self.seed = name, spec, seed
+        self.global_batch, self.eval_batch = global_batch, eval_batch
+        self.num_devices = num_devices
+        self.process_index, self.process_count = process_index, process_count
 
     @property
     def local_batch_size(self) -> int:
@@ -139,7 +213,7 @@ class _Source:
 
     def _check_steps(self, examples: int) -> None:
         if self.steps_per_epoch < 1:
-            raise data_lib.DatasetError(
+            raise DatasetError(
                 f"config.batch_size={self.global_batch}: larger than the {examples} "
                 f"training examples of {self.name!r}")
 
@@ -170,17 +244,15 @@ class _Source:
 class InMemorySource(_Source):
     """Both splits in host memory; ``train_batch`` is pure in ``(seed, index)``."""
 
-    def __init__(self, *, name: str, spec: data_lib.DatasetSpec, global_batch: int,
-                 eval_batch: int, num_devices: int, process_index: int, process_count: int,
-                 seed: int, data_dir: str | None = None, download: bool = False,
-                 arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None):
-        self.name, self.spec, self.seed = name, spec, seed
-        self.global_batch, self.eval_batch = global_batch, eval_batch
-        self.num_devices = num_devices
-        self.process_index, self.process_count = process_index, process_count
+    def __init__(self, *, data_dir: str | None = None, download: bool = False,
+                 arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 **common: Any):
+        """``common``: the attributes of :class:`_Source`; ``arrays``: train images and
+        labels, eval images and labels, instead of reading the data set."""
+        super().__init__(**common)
         if arrays is None:
-            train = data_lib.load_split(name, spec.train_split, data_dir, download)
-            test = data_lib.load_split(name, spec.test_split, data_dir, download)
+            train = registry.load_split(self.name, self.spec.train_split, data_dir, download)
+            test = registry.load_split(self.name, self.spec.test_split, data_dir, download)
             arrays = (*train, *test)
         self.train_images, self.train_labels, self.eval_images, self.eval_labels = arrays
         self._check_steps(len(self.train_images))
@@ -195,24 +267,20 @@ class InMemorySource(_Source):
 
     @property
     def steps_per_epoch(self) -> int:
-        return data_lib.steps_per_epoch(len(self.train_images), self.global_batch)
+        return steps_per_epoch(len(self.train_images), self.global_batch)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
     def train_batch(self, index: int) -> dict[str, np.ndarray]:
-        return data_lib.train_batch(self.train_images, self.train_labels, self.seed, index,
+        return train_batch(self.train_images, self.train_labels, self.seed, index,
                                     self.global_batch, self.num_devices, self.process_index,
                                     self.process_count)
 
     def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        return data_lib.eval_batches(self.eval_images, self.eval_labels, self.eval_batch,
+        return eval_batches(self.eval_images, self.eval_labels, self.eval_batch,
                                      self.num_devices, self.process_index, self.process_count)
-
-    def eval_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole evaluation split, uint8 images and int32 labels."""
-        return self.eval_images, self.eval_labels
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,19 +381,17 @@ def preprocess(tf, kind: str, image_bytes, image_shape: tuple[int, int, int], se
 class StreamingSource(_Source):
     """A tf.data pipeline over the TFDS files (see the module docstring)."""
 
-    def __init__(self, *, name: str, spec: data_lib.DatasetSpec, global_batch: int,
-                 eval_batch: int, num_devices: int, process_index: int, process_count: int,
-                 seed: int, num_epochs: float = 1.0, data_dir: str | None = None,
+    def __init__(self, *, num_epochs: float = 1.0, data_dir: str | None = None,
                  download: bool = False, image_size: int = 0,
                  shuffle_buffer_size: int = 10_000, prefetch_batches: int = 4,
-                 output_dtype: str = "float32"):
+                 output_dtype: str = "float32", **common: Any):
+        """``common``: the attributes of :class:`_Source`."""
         import tensorflow_datasets as tfds
 
+        super().__init__(**common)
+        name, spec, process_index, process_count = (
+            self.name, self.spec, self.process_index, self.process_count)
         self._tf_mod, self._tfds = _tf(), tfds
-        self.name, self.spec, self.seed = name, spec, seed
-        self.global_batch, self.eval_batch = global_batch, eval_batch
-        self.num_devices = num_devices
-        self.process_index, self.process_count = process_index, process_count
         self.num_epochs = num_epochs
         self.shuffle_buffer_size = shuffle_buffer_size
         self.prefetch_batches = prefetch_batches
@@ -333,20 +399,20 @@ class StreamingSource(_Source):
         h, w, c = spec.image_shape
         self.image_shape = (image_size, image_size, c) if image_size else (h, w, c)
 
-        train_name, train_split = data_lib.resolve_split(name, spec.train_split)
-        eval_name, eval_split = data_lib.resolve_split(name, spec.test_split)
-        self._train_builder = data_lib.get_builder(train_name, data_dir, download,
+        train_name, train_split = registry.resolve_split(name, spec.train_split)
+        eval_name, eval_split = registry.resolve_split(name, spec.test_split)
+        self._train_builder = registry.get_builder(train_name, data_dir, download,
                                                    for_dataset=name)
-        self._eval_builder = data_lib.get_builder(eval_name, data_dir, download,
+        self._eval_builder = registry.get_builder(eval_name, data_dir, download,
                                                   for_dataset=name)
-        self._train_pre = data_lib.get_spec(train_name).train_preprocess
-        self._eval_pre = data_lib.get_spec(eval_name).eval_preprocess
+        self._train_pre = registry.get_spec(train_name).train_preprocess
+        self._eval_pre = registry.get_spec(eval_name).eval_preprocess
         self._train_stored = self._stored_shape(self._train_builder)
         self._eval_stored = self._stored_shape(self._eval_builder)
         for builder, split, what in ((self._train_builder, train_split, train_name),
                                      (self._eval_builder, eval_split, eval_name)):
             if split not in builder.info.splits:
-                raise data_lib.DatasetError(
+                raise DatasetError(
                     f"dataset {what!r} in {builder.data_dir} has no split {split!r}; it has: "
                     f"{', '.join(builder.info.splits) or 'none'}")
         if output_dtype == "uint8" and (self._train_pre != "decode"
@@ -355,7 +421,6 @@ class StreamingSource(_Source):
 
         self.num_train_examples = builder_n = self._train_builder.info.splits[
             train_split].num_examples
-        self._train_shard = _shard_sizes(builder_n, process_count)[process_index]
         self._train_split = tfds.even_splits(train_split, n=process_count)[process_index]
         # Every process takes the same number of steps: the smallest shard decides.
         self._steps = (builder_n // process_count) // self.local_batch_size
