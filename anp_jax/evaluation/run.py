@@ -30,7 +30,6 @@ import numpy as np
 
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
-
 from anp_jax import io as io_lib
 from anp_jax.evaluation.runner import Model
 
