@@ -8,7 +8,7 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
-from anp_jax.models.layers import PerturbableModel
+from anp_jax.models.layers import PerturbableModel, first_layer_conv
 
 
 class Block(nn.Module):
@@ -76,7 +76,8 @@ class ResNet(PerturbableModel):
         x = self.perturb("input", x.astype(self.dtype))
         x = self.normalize_input(x)
         if self.stem == "cifar":
-            x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+            x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype,
+                        conv_general_dilated=first_layer_conv)(x)
             x = nn.relu(norm()(self.perturb("stem", x)))
         else:
             x = nn.Conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
