@@ -149,6 +149,7 @@ class Method:
     adversary: Adversary | None = None
     noise_tx: Callable[[], noise_lib.NoiseTransform] = noise_lib.anp
     layers: str = "all"  # a selection of anp_jax.models.select_layers, for ANP
+    skip_first: int = 0  # leave out the first points of that selection
     description: str = ""
 
 
@@ -171,7 +172,7 @@ def methods(diagnose: bool = False) -> list[Method]:
         # only forward pass is zero) is plain training plus d loss / d input.
         Method("input_floor", True, 1, noise_tx=_identity_noise, layers="input",
                description="floor: plain training + d loss/d input"),
-        Method("anp_k2_no_input", True, 2, layers="deep -1",
+        Method("anp_k2_no_input", True, 2, skip_first=1,
                description="ANP k=2 at every point but the input"),
         Method("pgd_at", False, 1, Adversary("pgd", adv.epsilon, adv.step_size, adv.steps),
                description=f"PGD-AT, {adv.steps} steps"),
@@ -191,20 +192,17 @@ def methods(diagnose: bool = False) -> list[Method]:
                    description="ANP k=1 without the per-example L2 normalisation"),
             Method("anp_k2_input_only", True, 2, layers="input",
                    description="ANP k=2 at the input only"),
-            Method("anp_k2_deep", True, 2, layers="deep -2",
+            Method("anp_k2_deep", True, 2, skip_first=2,
                    description="ANP k=2 at every point but the input and the first layer"),
         ]
     return out
 
 
 def _layers(method: Method, points: Sequence[str]) -> tuple[str, ...]:
-    """The perturbation points of ``method`` ("deep -N": all but the first N)."""
+    """The perturbation points ``method`` perturbs, among the model's ``points``."""
     if not method.anp:
         return ()
-    words = method.layers.split()
-    if len(words) == 2 and words[0] == "deep" and words[1].startswith("-"):
-        return tuple(points[int(words[1][1:]):])
-    return select_layers(method.layers, points)
+    return select_layers(method.layers, points)[method.skip_first:]
 
 
 # ----------------------------------------------------------------------------- devices
