@@ -127,7 +127,7 @@ def model_specs() -> dict[str, ModelSpec]:
 SPECS = model_specs()
 # The CPU suite: the models of issue 16 at shapes that time in seconds on 2 cores.
 CPU_SUITE = ("digits_cnn", "lenet", "fmnist_vgg", "vgg11_small", "resnet18_small")
-SUITE_METHODS = ("plain", "anp_k2", "replay_k2", "input_floor", "anp_k2_no_input")
+SUITE_METHODS = ("plain", "anp_k2", "replay_k2", "input_floor")
 MD_BEGIN, MD_END = "<!-- step_time: begin -->", "<!-- step_time: end -->"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LEARNING_RATE = 0.01
