@@ -213,9 +213,10 @@ def train_step(state: TrainState, batch: Batch, hparams: Mapping[str, jax.Array]
       axis_name: the pmap axis, or None on a single device without pmap.
       static_k: if given, the ``k`` updates are unrolled in the traced program and
         ``hparams["k"]`` is ignored (one compilation per value of ``k``).  XLA:CPU runs
-        convolution gradients inside loops and conditionals some 30 times slower than
-        outside them, so the trainer unrolls on CPU; on GPU and TPU the default, a
-        ``lax.fori_loop`` over a traced ``k``, compiles once for every ``k``.
+        convolution gradients inside loops and conditionals several times slower than
+        outside them (3 to 4 times per update on LeNet), so the trainer unrolls on CPU;
+        on GPU and TPU the default, a ``lax.fori_loop`` over a traced ``k``, compiles
+        once for every ``k``.
       adversary: adversarial training (PGD-AT, TRADES, Fast-AT, Free-AT; see
         :mod:`anp_jax.adversarial`); each of the ``k`` updates crafts its own input.
         Combined with ANP when the state has perturbation points.

@@ -1,7 +1,9 @@
 """Time per parameter update: plain training, ANP, the replay control, adversarial training.
 
-    python -m benchmarks.step_time [--json FILE] [--model digits_cnn|vgg16|resnet18|resnet50]
-        [--batch N] [--iters N] [--repeats N] [--dtype float32|bfloat16] [--torch]
+    python -m benchmarks.step_time [--json FILE] [--model NAME] [--batch N] [--methods A,B]
+        [--iters N] [--repeats N] [--dtype float32|bfloat16] [--torch] [--diagnose]
+    python -m benchmarks.step_time --trainer [--trainer-epochs SHORT,LONG]
+    python -m benchmarks.step_time --suite cpu [--results-md benchmarks/RESULTS.md]
 
 In one process, on the same model, data shape and batch, it compiles one train step per
 method with :func:`anp_jax.train.train_step` (donated state), warms each up, then times
@@ -27,10 +29,25 @@ blocking until the results are ready.  Reported:
 * ``flops_per_update`` (XLA's cost analysis), ``tflops`` and, where the device's peak is
   known (``--peak-tflops``, or an H100/H200), ``mfu``.
 
-Synthetic data: uniform pixels in [0, 1] and random labels.  Models: ``digits_cnn`` at
-8x8x1 (default, batch 128, for CPU), ``vgg16`` and ``resnet18`` at 32x32x3, ``resnet50``
-at 224x224x3 with 1000 classes.  Steps are unrolled on CPU (``static_k``, as the trainer
-does there); elsewhere ``k`` is a ``lax.fori_loop`` unless ``--unroll yes``.
+Methods: plain training, ANP at every point (k = 1, 2, 3), the replay control (k = 2, 3),
+``input_floor`` (plain training that also computes d loss / d input: the gradient ANP's
+input point needs and plain training does not, so the floor of ANP with that point),
+ANP k=2 at every point but the input, and adversarial training; ``--methods`` picks some.
+
+Synthetic data: uniform pixels in [0, 1] and random labels.  Models (``--model``): every
+name of :data:`anp_jax.models.MODELS` (32x32x3, batch 128), with ``digits_cnn`` at 8x8x1
+(the default), ``lenet`` at 28x28x1, ``resnet50`` at 224x224x3 with 1000 classes, and the
+small CPU shapes ``vgg11_small``, ``resnet18_small`` (quarter width, 32x32x3, batch 32)
+and ``fmnist_vgg`` (the Fashion-MNIST studies' BatchNorm VGG at 28x28x1, or a narrow
+VGG-11 standing in for it until it is registered).  Steps are unrolled on CPU
+(``static_k``, as the trainer does there); elsewhere ``k`` is a ``lax.fori_loop`` unless
+``--unroll yes``.
+
+``--trainer`` times the real training loop, :func:`anp_jax.trainer.train_and_evaluate`
+with the default config, against its bare jitted step in the same process (see
+:func:`trainer_comparison`).  ``--suite cpu`` runs the CPU models with the methods that
+compare ANP with plain training, then ``--trainer``; ``--results-md`` writes the tables
+with the command, the machine, the load and the date into a Markdown file.
 
 ``--torch`` adds the PyTorch implementation of :mod:`benchmarks.torch_anp` (digits CNN and
 VGG-16) to the same rounds and reports anp-jax's speed over it.  ``--diagnose`` adds
@@ -60,17 +77,60 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anp_jax import adversarial, train
 from anp_jax import noise as noise_lib
+from anp_jax import train
 from anp_jax.adversarial import Adversary
 from anp_jax.configs import default as default_config
-from anp_jax.models import PERTURBATIONS, create_model
+from anp_jax.models import MODELS, PERTURBATIONS, create_model, select_layers
 from anp_jax.trainer import DTYPES
 
-IMAGE_SHAPES = {"digits_cnn": (8, 8, 1), "vgg16": (32, 32, 3), "resnet18": (32, 32, 3),
-                "resnet50": (224, 224, 3)}
-NUM_CLASSES = {"resnet50": 1000}
-RATIO_KEYS = ("anp_k1", "anp_k3", "replay_k3", "pgd_at", "trades", "fast_at", "free_at")
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model: a name of :data:`anp_jax.models.MODELS`, its module options,
+    the image shape of its data and the batch it is timed at by default."""
+
+    model: str
+    image_shape: tuple[int, int, int]
+    options: tuple[tuple[str, Any], ...] = ()
+    num_classes: int = 10
+    batch: int = 128
+    note: str = ""
+
+
+# The Fashion-MNIST studies' BatchNorm VGG, by its registry name; until it is registered,
+# a narrow VGG-11 at the same 28x28x1 shape stands in for it.
+STUDY_VGG = "vgg8"
+
+
+def model_specs() -> dict[str, ModelSpec]:
+    """``--model`` names: every model of the registry (32x32x3, batch 128, unless listed
+    here) and the small CPU shapes of ``--suite cpu``."""
+    specs = {name: ModelSpec(name, (32, 32, 3)) for name in MODELS}
+    specs.update({
+        "digits_cnn": ModelSpec("digits_cnn", (8, 8, 1), note="8x8 digits (the default job)"),
+        "lenet": ModelSpec("lenet", (28, 28, 1), note="LeNet-5 at 28x28x1 (Fashion-MNIST)"),
+        "resnet50": ModelSpec("resnet50", (224, 224, 3), num_classes=1000),
+        "vgg11_small": ModelSpec("vgg11", (32, 32, 3), (("width", 0.25),), batch=32,
+                                 note="VGG-11 (BN) at quarter width, 32x32x3"),
+        "resnet18_small": ModelSpec("resnet18", (32, 32, 3), (("width", 16),), batch=32,
+                                    note="ResNet-18 at quarter width, 32x32x3"),
+    })
+    if STUDY_VGG in MODELS:
+        specs["fmnist_vgg"] = ModelSpec(STUDY_VGG, (28, 28, 1),
+                                        note=f"the Fashion-MNIST study's {STUDY_VGG}, 28x28x1")
+    else:
+        specs["fmnist_vgg"] = ModelSpec("vgg11", (28, 28, 1), (("width", 0.125),),
+                                        note=f"stand-in for {STUDY_VGG} (not registered yet): "
+                                        "VGG-11 (BN) at 1/8 width, 28x28x1")
+    return specs
+
+
+SPECS = model_specs()
+# The CPU suite: the models of issue 16 at shapes that time in seconds on 2 cores.
+CPU_SUITE = ("digits_cnn", "lenet", "fmnist_vgg", "vgg11_small", "resnet18_small")
+SUITE_METHODS = ("plain", "anp_k2", "replay_k2", "input_floor")
+MD_BEGIN, MD_END = "<!-- step_time: begin -->", "<!-- step_time: end -->"
 LEARNING_RATE = 0.01
 # Dense peak TFLOP/s by device kind (NVIDIA's data sheets; float32 matmuls and convolutions
 # run as TF32 under JAX's default precision on these GPUs).  Override with --peak-tflops.
@@ -81,16 +141,21 @@ PEAK_TFLOPS = {"H100 80GB HBM3": {"bfloat16": 989.4, "float32": 494.7},  # H100 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One way of training: ANP or not, ``k`` updates per mini-batch, an adversary."""
+    """One way of training: ANP (on the points ``layers`` selects) or not, ``k`` updates per
+    mini-batch, an adversary."""
 
     name: str
     anp: bool
     k: int
     adversary: Adversary | None = None
     noise_tx: Callable[[], optax.GradientTransformationExtraArgs] = noise_lib.anp
-    step: Callable | None = None  # a train step other than train.train_step (--diagnose)
-    stateless_noise: bool = False  # keep no noise in the train state (--diagnose)
+    layers: str = "all"  # a selection of anp_jax.models.select_layers, for ANP
+    skip_first: int = 0  # leave out the first points of that selection
     description: str = ""
+
+
+def _identity_noise() -> optax.GradientTransformationExtraArgs:
+    return noise_lib.scale(1.0)
 
 
 def methods(diagnose: bool = False) -> list[Method]:
@@ -99,8 +164,17 @@ def methods(diagnose: bool = False) -> list[Method]:
     out = [
         Method("plain", False, 1, description="plain training"),
         Method("anp_k1", True, 1, description="ANP, all points, k=1"),
+        Method("anp_k2", True, 2, description="ANP, all points, k=2 (2 updates)"),
         Method("anp_k3", True, 3, description="ANP, all points, k=3 (3 updates)"),
+        Method("replay_k2", False, 2, description="replay: k=2 updates, no noise"),
         Method("replay_k3", False, 3, description="replay: k=3 updates, no noise"),
+        # The one point whose gradient plain training does not compute: the step of ANP
+        # k=1 at the input alone with the identity as noise transform (the noise of its
+        # only forward pass is zero) is plain training plus d loss / d input.
+        Method("input_floor", True, 1, noise_tx=_identity_noise, layers="input",
+               description="floor: plain training + d loss/d input"),
+        Method("anp_k2_no_input", True, 2, skip_first=1,
+               description="ANP k=2 at every point but the input"),
         Method("pgd_at", False, 1, Adversary("pgd", adv.epsilon, adv.step_size, adv.steps),
                description=f"PGD-AT, {adv.steps} steps"),
         Method("trades", False, 1, Adversary("trades", adv.epsilon, adv.step_size, adv.steps,
@@ -117,75 +191,19 @@ def methods(diagnose: bool = False) -> list[Method]:
                    noise_tx=lambda: optax.chain(noise_lib.accumulate(),
                                                 noise_lib.scale_by_eps_over_k()),
                    description="ANP k=1 without the per-example L2 normalisation"),
-            Method("anp_k1_skip_last", True, 1, step=proposed_train_step,
-                   description="ANP k=1, no noise update after the last update"),
-            Method("anp_k1_proposed", True, 1, step=proposed_train_step, stateless_noise=True,
-                   description="ANP k=1, prototype of the recommended train step"),
-            Method("anp_k3_proposed", True, 3, step=proposed_train_step, stateless_noise=True,
-                   description="ANP k=3, prototype of the recommended train step"),
+            Method("anp_k2_input_only", True, 2, layers="input",
+                   description="ANP k=2 at the input only"),
+            Method("anp_k2_deep", True, 2, skip_first=2,
+                   description="ANP k=2 at every point but the input and the first layer"),
         ]
     return out
 
 
-def proposed_train_step(state: train.TrainState, batch: train.Batch,
-                        hparams: dict[str, jax.Array], static_k: int,
-                        adversary: Adversary | None = None,
-                        template: dict[str, jax.ShapeDtypeStruct] | None = None
-                        ) -> tuple[train.TrainState, dict[str, jax.Array]]:
-    """A prototype of the change to :func:`anp_jax.train.train_step` that RESULTS.md
-    recommends, for ``--diagnose`` only (single device, unrolled ``k``).
-
-    With registers reset at every mini-batch, the noise made after the last of the ``k``
-    updates is never used: this step neither asks for the activation gradients of the last
-    update nor runs the noise transform after it, reports ``noise_norm`` of the last noise
-    actually injected, and hands the (reset-anyway) noise state back unchanged instead of
-    writing new registers.  With ``template`` (the shapes of the perturbation points) the
-    state carries no noise at all: the registers are made, used and dropped inside the
-    step.  The parameter updates are those of ``train_step``.
-    """
-    hparams = {name: jnp.asarray(v) for name, v in hparams.items()}
-    skip_last = state.reset_noise
-    if template is not None:  # only the shapes are needed to reset the registers
-        zeros = {name: jnp.zeros(s.shape, s.dtype) for name, s in template.items()}
-        noise_state = train.reset_noise(state.replace(noise=train.NoiseState(zeros, ())),
-                                        hparams)
-    else:
-        noise_state = train.reset_noise(state, hparams) if state.reset_noise else state.noise
-    zero = jnp.zeros((), jnp.float32)
-    st, noise, loss_sum, correct_sum = state, noise_state, zero, zero
-    for i in range(static_k):
-        last = skip_last and i == static_k - 1
-        rng = jax.random.fold_in(st.rng, st.step)
-        attack_rng, rng = jax.random.split(rng)
-        images = adversarial.adversarial_inputs(
-            adversary, train._attack_model(st, rng), batch["image"], batch["label"],
-            st.adv_delta, attack_rng, unroll=True)
-        argnums = (0, 2) if last else (0, 1, 2)
-        grad_fn = jax.value_and_grad(train._loss_fn, argnums=argnums, has_aux=True)
-        (loss, (logits, batch_stats, activations)), grads = grad_fn(
-            st.params, noise.injection, images, st, batch, rng, adversary)
-        param_grads, input_grads = grads[0], grads[-1]
-        opt_state = train._set_learning_rate(st.opt_state, hparams["lr"])
-        updates, opt_state = st.tx.update(param_grads, opt_state, st.params)
-        params = optax.apply_updates(st.params, updates)
-        if not last:
-            injection, transform = st.noise_tx.update(grads[1], noise.transform, None,
-                                                      activations=activations, **hparams)
-            noise = train.NoiseState(injection, transform)
-        st = st.replace(step=st.step + 1, params=params, batch_stats=batch_stats,
-                        opt_state=opt_state,
-                        adv_delta=adversarial.update_free_delta(adversary, st.adv_delta,
-                                                                input_grads))
-        loss_sum = loss_sum + loss
-        correct_sum = correct_sum + jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    noise_norm = sum((jnp.mean(noise_lib.per_example_norm(v)) for v in
-                      jax.tree.leaves(noise.injection)), zero)
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(p)) for p in
-                                  jax.tree.leaves(st.params)])).astype(jnp.float32)
-    metrics = {"loss": loss_sum / static_k, "accuracy": correct_sum / static_k,
-               "noise_norm": noise_norm, "params_finite": finite}
-    kept = state.noise if skip_last else noise
-    return st.replace(batches=st.batches + 1, noise=kept), metrics
+def _layers(method: Method, points: Sequence[str]) -> tuple[str, ...]:
+    """The perturbation points ``method`` perturbs, among the model's ``points``."""
+    if not method.anp:
+        return ()
+    return select_layers(method.layers, points)[method.skip_first:]
 
 
 # ----------------------------------------------------------------------------- devices
@@ -269,7 +287,7 @@ def flop_count(compiled: Any) -> float | None:
 def perturbation_shapes(model_name: str, batch: int, dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of every perturbation point (the ``perturbations`` collection)."""
     model = build_model(model_name, dtype)
-    x = jax.ShapeDtypeStruct((batch,) + IMAGE_SHAPES[model_name], jnp.float32)
+    x = jax.ShapeDtypeStruct((batch,) + SPECS[model_name].image_shape, jnp.float32)
     key = jax.random.PRNGKey(0)
     variables = jax.eval_shape(functools.partial(model.init, train=False),
                                {"params": key, "dropout": key}, x)
@@ -288,7 +306,7 @@ def register_report(model_name: str, batch: int, dtype: str) -> dict[str, Any]:
     from the (abstract) train state itself."""
     model = build_model(model_name, dtype)
     layers = model.perturbation_points()
-    shape = (batch,) + IMAGE_SHAPES[model_name]
+    shape = (batch,) + SPECS[model_name].image_shape
     state = jax.eval_shape(lambda: train.create_train_state(
         model, jax.random.PRNGKey(0), shape, train.make_optimizer("sgd"), noise_lib.anp(),
         layers))
@@ -314,27 +332,33 @@ def register_report(model_name: str, batch: int, dtype: str) -> dict[str, Any]:
 
 
 def build_model(model_name: str, dtype: str = "float32"):
-    return create_model(model_name, num_classes=NUM_CLASSES.get(model_name, 10),
-                        dtype=DTYPES[dtype])
+    """The model of ``--model model_name`` (a key of :data:`SPECS`)."""
+    spec = SPECS[model_name]
+    return create_model(spec.model, num_classes=spec.num_classes, dtype=DTYPES[dtype],
+                        **dict(spec.options))
 
 
 def synthetic_batch(model_name: str, batch: int, seed: int = 0) -> dict[str, jax.Array]:
+    """Uniform pixels in [0, 1] and random labels, ``[batch, *image_shape]``."""
     rng = np.random.default_rng(seed)
-    shape = (batch,) + IMAGE_SHAPES[model_name]
+    spec = SPECS[model_name]
+    shape = (batch,) + spec.image_shape
     return {"image": jnp.asarray(rng.uniform(size=shape), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, NUM_CLASSES.get(model_name, 10), batch),
-                                 jnp.int32)}
+            "label": jnp.asarray(rng.integers(0, spec.num_classes, batch), jnp.int32)}
 
 
 @functools.cache
-def _state_factory(model_name: str, dtype: str, image_shape: tuple[int, ...], anp: bool,
+def _state_factory(model_name: str, dtype: str, image_shape: tuple[int, ...],
+                   layers: tuple[str, ...] | bool,
                    noise_tx: Callable[[], optax.GradientTransformationExtraArgs]
                    ) -> Callable[[jax.Array], train.TrainState]:
     """A jitted :func:`anp_jax.train.create_train_state` (one compilation, where running it
     op by op would compile dozens of small programs), shared by methods with the same
-    kind of state; every call returns fresh buffers."""
+    kind of state; every call returns fresh buffers.  ``layers``: the perturbation points
+    (``True``: all of them, ``False``: none)."""
     model = build_model(model_name, dtype)
-    layers = model.perturbation_points() if anp else ()
+    if isinstance(layers, bool):
+        layers = model.perturbation_points() if layers else ()
 
     def create(key: jax.Array) -> train.TrainState:
         return train.create_train_state(model, key, image_shape, train.make_optimizer("sgd"),
@@ -354,20 +378,11 @@ class JaxRunner:
                         "alpha": jnp.float32(config.anp.alpha if method.anp else 0.0),
                         "k": jnp.int32(method.k), "lr": jnp.float32(LEARNING_RATE)}
         self.batch = batch
-        self.state = _state_factory(model_name, dtype, tuple(batch["image"].shape), method.anp,
+        layers = _layers(method, build_model(model_name, dtype).perturbation_points())
+        self.state = _state_factory(model_name, dtype, tuple(batch["image"].shape), layers,
                                     method.noise_tx)(jax.random.PRNGKey(seed))
-        if method.step is not None:
-            fn = functools.partial(method.step, static_k=method.k, adversary=method.adversary)
-            if method.stateless_noise:
-                noise = self.state.noise
-                template = {name: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                            for name, v in noise.injection.items()}
-                empty = self.state.noise_tx.init({})
-                self.state = self.state.replace(noise=train.NoiseState({}, empty))
-                fn = functools.partial(fn, template=template)
-        else:
-            fn = functools.partial(train.train_step, static_k=method.k if unroll else None,
-                                   adversary=method.adversary)
+        fn = functools.partial(train.train_step, static_k=method.k if unroll else None,
+                               adversary=method.adversary)
         self.unroll = unroll
         self.lowered = jax.jit(fn, donate_argnums=(0,)).lower(self.state, batch, self.hparams)
         self.compiled: Any = None
@@ -384,7 +399,7 @@ class JaxRunner:
         self.memory = memory_report(self.compiled)
         method, unroll, batch = self.method, self.unroll, self.batch
         flops = flop_count(self.compiled)
-        if flops is not None and not unroll and method.step is None:
+        if flops is not None and not unroll:
             # A loop body is counted once: count on the unrolled program instead.
             unrolled = functools.partial(train.train_step, static_k=method.k,
                                          adversary=method.adversary)
@@ -479,8 +494,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_time", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--model", choices=tuple(IMAGE_SHAPES), default="digits_cnn")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--model", choices=tuple(SPECS), default="digits_cnn")
+    p.add_argument("--batch", type=int, default=None,
+                   help="mini-batch size (default: the model's, 128 or 32 for *_small)")
+    p.add_argument("--methods", default="",
+                   help="comma-separated methods to time (default: all); plain always runs")
+    p.add_argument("--suite", choices=("cpu",), default=None,
+                   help=f"cpu: models {', '.join(CPU_SUITE)} with methods "
+                   f"{', '.join(SUITE_METHODS)}, then --trainer")
+    p.add_argument("--trainer", action="store_true",
+                   help="time anp_jax.trainer.train_and_evaluate (the default config) "
+                   "against its bare jitted step")
+    p.add_argument("--trainer-epochs", default="2,22",
+                   help="the two run lengths (epochs) whose difference is the trainer's "
+                   "steady state")
+    p.add_argument("--results-md", default=None,
+                   help="write the tables, command, machine and date into this Markdown "
+                   f"file, between {MD_BEGIN} and {MD_END} (appended if absent)")
     p.add_argument("--iters", type=int, default=3,
                    help="mini-batches of each method per timed round")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds (medians over them)")
@@ -499,11 +529,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the device's peak TFLOP/s, for MFU")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
-    for field in ("batch", "iters", "repeats"):
+    if args.batch is not None and args.batch < 1:
+        p.error("--batch must be >= 1")
+    for field in ("iters", "repeats"):
         if getattr(args, field) < 1:
             p.error(f"--{field} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    known = [m.name for m in methods(True)]
+    args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for name in args.methods:
+        if name not in known:
+            p.error(f"--methods: unknown method {name!r}; choose from: {', '.join(known)}")
+    try:
+        epochs = tuple(int(e) for e in args.trainer_epochs.split(","))
+    except ValueError:
+        epochs = ()
+    if len(epochs) != 2 or not 0 < epochs[0] < epochs[1]:
+        p.error(f"--trainer-epochs {args.trainer_epochs!r}: expected two run lengths "
+                "SHORT,LONG (whole epochs) with 0 < SHORT < LONG")
+    args.trainer_epochs = epochs
     return args
 
 
@@ -544,13 +589,18 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None],
                   command: str = "") -> dict[str, Any]:
     device = describe_device()
     unroll = device["platform"] == "cpu" if args.unroll == "auto" else args.unroll == "yes"
+    args = argparse.Namespace(**vars(args))
+    args.batch = args.batch or SPECS[args.model].batch
     batch = synthetic_batch(args.model, args.batch)
     log(f"{args.model}, batch {args.batch}, {args.dtype}, on {device['description']}")
     runners: dict[str, Any] = {}
     gpu_peaks: dict[str, int] = {}
     dev = jax.devices()[0]
     start = time.perf_counter()
-    for method in methods(args.diagnose):
+    chosen = set(args.methods) | {"plain"}
+    for method in methods(args.diagnose or bool(args.methods)):
+        if args.methods and method.name not in chosen:
+            continue
         runners[method.name] = JaxRunner(method, args.model, args.dtype, batch, unroll)
     log(f"  traced {len(runners)} steps in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
@@ -577,7 +627,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None],
     result: dict[str, Any] = {
         "device": device,
         "model": args.model,
-        "image_shape": list(IMAGE_SHAPES[args.model]),
+        "model_spec": {"model": SPECS[args.model].model,
+                       "options": dict(SPECS[args.model].options),
+                       "note": SPECS[args.model].note},
+        "image_shape": list(SPECS[args.model].image_shape),
+        "load_average": os.getloadavg()[0],
         "batch": args.batch,
         "dtype": args.dtype,
         "date": datetime.date.today().isoformat(),
@@ -617,9 +671,10 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None],
 
     registers = {d: register_report(args.model, args.batch, d) for d in DTYPES}
     reg = dict(registers[args.dtype])
-    anp_state = runners["anp_k1"].state
-    reg["measured_register_bytes"] = _bytes(_registers(anp_state.noise))
-    anp_peak = runners["anp_k1"].memory.get("peak_bytes")
+    anp_runner = runners.get("anp_k1")
+    reg["measured_register_bytes"] = (_bytes(_registers(anp_runner.state.noise))
+                                      if anp_runner else None)
+    anp_peak = anp_runner.memory.get("peak_bytes") if anp_runner else None
     reg["register_fraction_of_anp_k1_peak"] = (reg["register_bytes"] / anp_peak
                                                if anp_peak else None)
     reg["by_dtype"] = {d: {key: registers[d][key] for key in
@@ -712,16 +767,240 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- trainer
+
+
+def _bare_step_runner(config: Any) -> tuple[Callable[[int], float], int]:
+    """The trainer's step for ``config`` (the default job: digits CNN, ANP k=2, batch 32)
+    as a bare jitted, donated, unrolled ``train_step`` on one synthetic mini-batch; returns
+    a function ``n -> seconds per update of n mini-batches`` and ``k``."""
+    if config.model not in SPECS:
+        raise ValueError(f"--trainer: no benchmark shape for model {config.model!r}")
+    anp = config.method == "anp"
+    k = int(config.anp.k) if config.method in ("anp", "replay") else 1
+    method = Method("trainer_step", anp, k, layers=config.anp.layers if anp else "all")
+    runner = JaxRunner(method, config.model, config.dtype,
+                       synthetic_batch(config.model, config.batch_size), unroll=True)
+    runner.hparams.update(eps=jnp.float32(config.anp.epsilon if anp else 0.0),
+                          alpha=jnp.float32(config.anp.alpha if anp else 0.0),
+                          lr=jnp.float32(config.learning_rate))
+    runner.compile()
+    runner.run(3)
+
+    def per_update(n: int) -> float:
+        start = time.perf_counter()
+        runner.run(n)
+        return (time.perf_counter() - start) / (n * k)
+
+    return per_update, k
+
+
+def trainer_comparison(epochs: tuple[int, int], log: Callable[[str], None]
+                       ) -> dict[str, Any]:
+    """The trainer's steady state against its bare step, side by side in one process.
+
+    ``anp_jax.trainer.train_and_evaluate`` runs the default config (with a fresh work
+    directory each time) for ``epochs[0]`` epochs (untimed: it warms up whatever a loop
+    keeps between runs, a compilation cache for instance), then ``epochs[1]`` and
+    ``epochs[0]`` epochs again.  Its steady state per update is the difference of the
+    two timed runs' ``train_seconds`` (the time in the training loop, compilation
+    included) divided by the difference of their ``steps``; the same with the wall time
+    of the whole call (training and evaluation) is reported too.  Blocks of the bare
+    jitted step, one epoch of mini-batches each, are timed before, between and after the
+    runs; their median is the reference.
+    """
+    import copy
+    import tempfile
+
+    from anp_jax import trainer as trainer_lib
+
+    base = default_config.get_config()
+    bare, k = _bare_step_runner(base)
+    runs: list[dict[str, Any]] = []
+    bare_blocks: list[float] = []
+    batches_per_epoch = None
+
+    def run(num_epochs: int) -> dict[str, Any]:
+        config = copy.deepcopy(base)
+        config.num_epochs = num_epochs
+        with tempfile.TemporaryDirectory() as workdir:
+            start = time.perf_counter()
+            metrics = trainer_lib.train_and_evaluate(config, workdir, log=lambda m: None,
+                                                     progress=False)
+            wall = time.perf_counter() - start
+        out = {"epochs": num_epochs, "wall_seconds": wall,
+               "train_seconds": float(metrics.get("train_seconds", float("nan"))),
+               "steps": int(metrics["steps"])}
+        log(f"  trainer, {num_epochs:g} epochs: {out['steps']} updates, "
+            f"{out['train_seconds']:.2f} s in the loop, {wall:.2f} s in all")
+        return out
+
+    for num_epochs in (epochs[0], epochs[1], epochs[0]):
+        block = max(8, batches_per_epoch or 32)
+        bare_blocks.append(bare(block))
+        runs.append(run(num_epochs))
+        batches_per_epoch = int(round(runs[-1]["steps"] / k / num_epochs))
+    bare_blocks.append(bare(max(8, batches_per_epoch)))
+    long, short = runs[1], runs[2]
+    steps = long["steps"] - short["steps"]
+    loop = (long["train_seconds"] - short["train_seconds"]) / steps
+    whole = (long["wall_seconds"] - short["wall_seconds"]) / steps
+    bare_ms = 1e3 * statistics.median(bare_blocks)
+    return {
+        "config": {"model": base.model, "method": base.method, "k": k,
+                   "batch_size": base.batch_size, "dataset": base.dataset},
+        "runs": runs,
+        "bare_step_ms_per_update": bare_ms,
+        "bare_step_ms_per_update_blocks": [1e3 * b for b in bare_blocks],
+        "trainer_ms_per_update": 1e3 * loop,
+        "trainer_ms_per_update_whole_call": 1e3 * whole,
+        "trainer_over_bare": 1e3 * loop / bare_ms,
+        "trainer_whole_call_over_bare": 1e3 * whole / bare_ms,
+        "first_run_extra_seconds": runs[0]["wall_seconds"] - short["wall_seconds"],
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def format_trainer(t: dict[str, Any]) -> str:
+    c = t["config"]
+    return "\n".join([
+        f"trainer ({c['model']}, {c['method']} k={c['k']}, batch {c['batch_size']}): "
+        f"{t['trainer_ms_per_update']:.2f} ms per update in the loop "
+        f"({t['trainer_ms_per_update_whole_call']:.2f} ms by whole calls) against "
+        f"{t['bare_step_ms_per_update']:.2f} ms for the bare step: "
+        f"{t['trainer_over_bare']:.3f}x ({t['trainer_whole_call_over_bare']:.3f}x)",
+        "runs: " + "; ".join(f"{r['epochs']:g} epochs {r['steps']} updates "
+                             f"{r['train_seconds']:.2f} s loop / {r['wall_seconds']:.2f} s all"
+                             for r in t["runs"])])
+
+
+# ----------------------------------------------------------------------------- suite
+
+
+def run_suite(args: argparse.Namespace, log: Callable[[str], None],
+              command: str) -> dict[str, Any]:
+    """``--suite cpu``: every model of :data:`CPU_SUITE` at its default batch with the
+    methods of :data:`SUITE_METHODS` (or ``--methods``), then the trainer comparison."""
+    results = []
+    for name in CPU_SUITE:
+        sub = argparse.Namespace(**vars(args))
+        sub.model, sub.batch = name, None
+        sub.methods = args.methods or SUITE_METHODS
+        results.append(run_benchmark(sub, log, command))
+        log(format_table(results[-1]))
+    return {"suite": args.suite, "command": command, "date": results[0]["date"],
+            "device": results[0]["device"], "models": results}
+
+
+def _md_table(result: dict[str, Any]) -> list[str]:
+    spec = result.get("model_spec", {})
+    head = (f"**{result['model']}** ({spec.get('note') or spec.get('model', '')}), "
+            f"batch {result['batch']}, {result['dtype']}: plain "
+            f"{result['per_update_ms']['plain']:.2f} ms per update; load average "
+            f"{result.get('load_average', float('nan')):.1f}")
+    lines = [head, "", "| method | k | ms/update | ratio (IQR) | cpu ratio | GFLOP/update |",
+             "|---|---|---|---|---|---|"]
+    for name, info in result["methods"].items():
+        if name.startswith("torch_"):
+            continue
+        ratio = 1.0 if name == "plain" else result["ratios"][name]
+        quart = result["ratio_quartiles"].get(name)
+        cpu = 1.0 if name == "plain" else result.get("cpu_ratios", {}).get(name)
+        flops = result["flops_per_update"].get(name)
+        lines.append(f"| {info['description']} (`{name}`) | {info['k']} | "
+                     f"{result['per_update_ms'][name]:.2f} | {ratio:.3f}"
+                     + (f" ({quart[0]:.2f}-{quart[1]:.2f})" if quart else "")
+                     + f" | {'-' if cpu is None else f'{cpu:.3f}'} | "
+                     + ("-" if not flops else f"{flops / 1e9:.3f}") + " |")
+    if "anp_k2" in result["ratios"] and "input_floor" in result["ratios"]:
+        over = [f"{r['anp_k2'] / r['input_floor']:.3f} ({clock})" for clock, r in
+                (("wall", result["ratios"]), ("cpu", result.get("cpu_ratios"))) if r]
+        lines += ["", "ANP k=2 over the input floor (plain + d loss/d input): "
+                  + ", ".join(over)]
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The run as Markdown: command, machine, date, a table per model, the trainer."""
+    models = result.get("models") or ([result] if "methods" in result else [])
+    device = result.get("device") or (models[0]["device"] if models else describe_device())
+    lines = [MD_BEGIN, "",
+             f"Generated by `{result.get('command', '')}` on {result.get('date', '')}; "
+             f"machine: {device['description']}, jax {device['jax']}; load average "
+             f"{os.getloadavg()[0]:.1f} at the end of the run"
+             + (f"; the whole run took {result['run_seconds']:.0f} s"
+                if "run_seconds" in result else "") + ".", ""]
+    for r in models:
+        lines += _md_table(r) + [""]
+    t = result.get("trainer")
+    if t:
+        c = t["config"]
+        lines += [f"**The trainer against its bare step** (the default config: {c['model']}, "
+                  f"{c['method']} k={c['k']}, batch {c['batch_size']}, {c['dataset']}; load "
+                  f"average {t['load_average']:.1f}):", "",
+                  "| | ms per update | over the bare step |", "|---|---|---|",
+                  f"| bare jitted `train_step` (median of "
+                  f"{len(t['bare_step_ms_per_update_blocks'])} blocks) | "
+                  f"{t['bare_step_ms_per_update']:.2f} | 1 |",
+                  f"| `train_and_evaluate`, steady state of the loop (`train_seconds`) | "
+                  f"{t['trainer_ms_per_update']:.2f} | {t['trainer_over_bare']:.3f} |",
+                  f"| the same from whole calls (wall time, evaluation included) | "
+                  f"{t['trainer_ms_per_update_whole_call']:.2f} | "
+                  f"{t['trainer_whole_call_over_bare']:.3f} |", "",
+                  "Runs (epochs, updates, seconds in the loop, seconds in all): "
+                  + "; ".join(f"{r['epochs']:g}, {r['steps']}, {r['train_seconds']:.2f}, "
+                              f"{r['wall_seconds']:.2f}" for r in t["runs"])
+                  + " (the first is the warm-up).", ""]
+    lines.append(MD_END)
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, text: str) -> None:
+    """Replaces the generated block of ``path`` (between the markers) with ``text``, or
+    appends it; written atomically."""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    if MD_BEGIN in old and MD_END in old:
+        head, rest = old.split(MD_BEGIN, 1)
+        new = head + text + rest.split(MD_END, 1)[1]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n") else "") + text + "\n"
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    command = "python -m benchmarks.step_time " + " ".join(
-        list(argv) if argv is not None else sys.argv[1:])
-    result = run_benchmark(args, log, command.strip())
-    print(format_table(result))
-    print("ratios (time per update / plain): " + json.dumps(
-        {k: round(v, 3) for k, v in result["ratios"].items()}))
+    command = ("python -m benchmarks.step_time " + " ".join(
+        list(argv) if argv is not None else sys.argv[1:])).strip()
+    start = time.perf_counter()
+    if args.suite:
+        result = run_suite(args, log, command)
+    elif args.trainer and "--model" not in (argv if argv is not None else sys.argv[1:]):
+        result = {"command": command, "date": datetime.date.today().isoformat(),
+                  "device": describe_device()}
+    else:
+        result = run_benchmark(args, log, command)
+        print(format_table(result))
+        print("ratios (time per update / plain): " + json.dumps(
+            {k: round(v, 3) for k, v in result["ratios"].items()}))
+    if args.trainer or args.suite:
+        log("the trainer against its bare step")
+        result["trainer"] = trainer_comparison(args.trainer_epochs, log)
+        print(format_trainer(result["trainer"]))
+    result["run_seconds"] = time.perf_counter() - start
+    if args.suite:
+        for r in result["models"]:
+            print(format_table(r))
+    if args.results_md:
+        write_markdown(args.results_md, markdown(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-RATIO_KEYS = ("anp_k1", "anp_k3", "replay_k3", "pgd_at", "trades", "fast_at", "free_at")
+RATIO_KEYS = ("anp_k1", "anp_k3", "replay_k3", "pgd_at", "trades", "fast_at", "free_at",
+              "anp_k2", "replay_k2", "input_floor", "anp_k2_no_input")
 BATCH = 16
 
 
@@ -67,6 +68,8 @@ def test_json_has_every_ratio(result):
         assert result["memory"][name]["peak_bytes"] > 0
         assert result["params_finite"][name] == 1.0
     assert result["methods"]["anp_k3"]["k"] == 3 and result["methods"]["replay_k3"]["k"] == 3
+    assert result["methods"]["anp_k2"]["k"] == 2 and result["methods"]["replay_k2"]["k"] == 2
+    assert result["methods"]["input_floor"]["k"] == 1
     assert result["device"]["host_cores"] >= 1
 
 
@@ -121,20 +124,90 @@ def test_torch_anp_registers_and_timing():
                                      warmup=1) > 0
 
 
-def test_proposed_step_makes_the_same_updates():
-    """The --diagnose prototype changes what is computed, never the parameter updates."""
-    from anp_jax import noise, train
+def test_method_points_and_floor_state():
+    """Which points each method perturbs; the floor's step is plain training plus the
+    input gradient, which it hands back as the noise of the input point."""
+    from anp_jax import train
     from benchmarks import step_time
 
-    batch = step_time.synthetic_batch("digits_cnn", 8)
-    hp = {"eps": jnp.float32(1.0), "alpha": jnp.float32(0.5), "k": jnp.int32(2),
-          "lr": jnp.float32(0.05)}
-    make = step_time._state_factory("digits_cnn", "float32", (8, 8, 8, 1), True, noise.anp)
-    ref, ref_metrics = jax.jit(functools.partial(train.train_step, static_k=2))(
-        make(jax.random.PRNGKey(0)), batch, hp)
-    new, new_metrics = jax.jit(functools.partial(step_time.proposed_train_step, static_k=2))(
-        make(jax.random.PRNGKey(0)), batch, hp)
-    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(new.params)):
-        assert jnp.array_equal(a, b)
-    assert float(ref_metrics["loss"]) == float(new_metrics["loss"])
-    assert int(new.step) == 2 and int(new.batches) == 1
+    points = ("input", "conv1", "conv2", "fc1")
+    by_name = {m.name: m for m in step_time.methods(diagnose=True)}
+    assert step_time._layers(by_name["plain"], points) == ()
+    assert step_time._layers(by_name["replay_k2"], points) == ()
+    assert step_time._layers(by_name["anp_k2"], points) == points
+    assert step_time._layers(by_name["input_floor"], points) == ("input",)
+    assert step_time._layers(by_name["anp_k2_no_input"], points) == points[1:]
+    assert step_time._layers(by_name["anp_k2_deep"], points) == points[2:]
+
+    batch = step_time.synthetic_batch("digits_cnn", 4)
+    runner = step_time.JaxRunner(by_name["input_floor"], "digits_cnn", "float32", batch,
+                                 unroll=True)
+    runner.compile()
+    before = runner.state
+    params = before.params  # read before the donating call
+    ref = jax.tree.map(lambda x: x.copy(), params)
+
+    def loss(p, images):
+        logits = before.apply_fn({"params": p}, images, train=True)
+        return train.cross_entropy(logits, batch["label"])
+
+    grad_params, grad_input = jax.grad(loss, argnums=(0, 1))(ref, batch["image"])
+    runner.run(1)
+    got = runner.state.noise.injection["input"]
+    assert jnp.allclose(got, grad_input, rtol=1e-4, atol=1e-7)
+    # The parameters moved as plain SGD with momentum and weight decay on a zero
+    # momentum buffer would move them: -lr * (g + wd * w).
+    moved = jax.tree.map(lambda w, g: w - step_time.LEARNING_RATE * (g + 5e-4 * w), ref,
+                         grad_params)
+    for a, b in zip(jax.tree.leaves(runner.state.params), jax.tree.leaves(moved)):
+        assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_study_vgg_is_picked_by_name(monkeypatch):
+    from benchmarks import step_time
+
+    monkeypatch.delitem(step_time.MODELS, step_time.STUDY_VGG, raising=False)
+    spec = step_time.model_specs()["fmnist_vgg"]
+    assert spec.model == "vgg11" and spec.image_shape == (28, 28, 1)
+    monkeypatch.setitem(step_time.MODELS, step_time.STUDY_VGG, step_time.MODELS["vgg11"])
+    spec = step_time.model_specs()["fmnist_vgg"]
+    assert spec.model == step_time.STUDY_VGG and spec.image_shape == (28, 28, 1)
+    assert spec.options == ()
+
+
+def test_trainer_comparison_is_the_difference_of_two_runs(monkeypatch):
+    """A loop that costs 1.5 s of start-up plus 4 ms per update, against a bare step of
+    2 ms per update: 4 ms per update in the loop, 2x the bare step."""
+    from anp_jax import trainer
+    from benchmarks import step_time
+
+    calls = []
+
+    def fake_train(config, workdir, log=None, progress=True):
+        steps = int(round(config.num_epochs * 45)) * 2
+        calls.append((config.num_epochs, workdir))
+        return {"train_seconds": 1.5 + 0.004 * steps, "steps": steps}
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(step_time, "_bare_step_runner", lambda config: (lambda n: 0.002, 2))
+    t = step_time.trainer_comparison((1, 3), lambda m: None)
+    assert [c[0] for c in calls] == [1, 3, 1]
+    assert len({c[1] for c in calls}) == 3  # a fresh work directory for every run
+    assert t["trainer_ms_per_update"] == pytest.approx(4.0)
+    assert t["bare_step_ms_per_update"] == pytest.approx(2.0)
+    assert t["trainer_over_bare"] == pytest.approx(2.0)
+    assert [r["steps"] for r in t["runs"]] == [90, 270, 90]
+
+
+def test_results_markdown_block_is_replaced(tmp_path):
+    from benchmarks import step_time
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Title\n\nkept above\n")
+    step_time.write_markdown(str(path), f"{step_time.MD_BEGIN}\nfirst\n{step_time.MD_END}")
+    assert path.read_text() == (f"# Title\n\nkept above\n{step_time.MD_BEGIN}\nfirst\n"
+                                f"{step_time.MD_END}\n")
+    path.write_text(path.read_text() + "kept below\n")
+    step_time.write_markdown(str(path), f"{step_time.MD_BEGIN}\nsecond\n{step_time.MD_END}")
+    assert path.read_text() == (f"# Title\n\nkept above\n{step_time.MD_BEGIN}\nsecond\n"
+                                f"{step_time.MD_END}\nkept below\n")

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from anp_jax import noise, train
 from anp_jax.models import MODELS, PERTURBATIONS, create_model, select_layers
+from anp_jax.models.layers import first_layer_conv, max_pool
 
 SMALL = {"vgg11": {"width": 0.125}, "vgg13": {"width": 0.125}, "vgg16": {"width": 0.125},
          "vgg19": {"width": 0.125}, "resnet18": {"width": 8}, "resnet50": {"width": 8}}
@@ -112,3 +114,43 @@ def test_resnet_points_are_convolution_outputs_before_batchnorm(name):
     # The check has teeth: the same shift at the input changes the logits.
     moved = logits(dict(zeros, input=zeros["input"] + 0.5))
     assert not np.allclose(moved, base, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [
+    ((2, 9, 7, 1), (5, 5, 1, 6), "SAME"),     # LeNet's first layer (odd sizes)
+    ((2, 6, 6, 3), (3, 3, 3, 8), "VALID"),
+    ((2, 6, 5, 2), (3, 3, 2, 4), ((2, 0), (1, 3))),
+])
+def test_first_layer_conv_matches_lax_values_and_gradients(shape, kernel, padding):
+    """The first layer's convolution: XLA's values and kernel gradient, and an input
+    gradient equal to that of ``lax.conv_general_dilated`` (to float32 round-off)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+    dims = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dims)
+
+    def new(x, w):
+        return first_layer_conv(x, w, (1, 1), padding, dimension_numbers=dims)
+
+    y_ref, vjp_ref = jax.vjp(ref, x, w)
+    y_new, vjp_new = jax.jit(lambda x, w: jax.vjp(new, x, w))(x, w)
+    np.testing.assert_array_equal(y_new, y_ref)
+    g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+    for got, want in zip(vjp_new(g), vjp_ref(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_matches_flax_values_and_gradients():
+    rng = np.random.default_rng(1)
+    for shape in [(2, 8, 8, 3), (2, 7, 5, 2), (1, 1, 1, 4)]:
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+        def ref(x):
+            return nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
+
+        np.testing.assert_array_equal(max_pool(x), ref(x))
+        np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(max_pool(v) ** 3))(x),
+                                      jax.grad(lambda v: jnp.sum(ref(v) ** 3))(x))

@@ -15,7 +15,7 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
-from anp_jax.models.layers import PerturbableModel
+from anp_jax.models.layers import PerturbableModel, first_layer_conv
 
 
 class ResNet(PerturbableModel):
@@ -71,7 +71,8 @@ class ResNet(PerturbableModel):
         x = self.perturb("input", x.astype(self.dtype))
         x = self.normalize_input(x)
         if self.stem == "cifar":
-            x = nn.relu(norm()(conv("stem", x, self.width, 3)))
+            x = nn.relu(norm()(conv("stem", x, self.width, 3,
+                                    conv_general_dilated=first_layer_conv)))
         else:
             x = conv("stem", x, self.width, 7, 2, padding=[(3, 3), (3, 3)])
             x = nn.max_pool(nn.relu(norm()(x)), (3, 3), (2, 2), padding="SAME")

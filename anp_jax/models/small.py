@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from anp_jax.models.layers import PerturbableModel
+from anp_jax.models.layers import PerturbableModel, first_layer_conv, max_pool
 
 
 class DigitsCNN(PerturbableModel):
@@ -23,7 +23,8 @@ class DigitsCNN(PerturbableModel):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.perturb("input", x.astype(self.dtype))
         x = self.normalize_input(x)
-        x = self.perturb("conv1", nn.Conv(self.width, (3, 3), dtype=self.dtype)(x))
+        x = self.perturb("conv1", nn.Conv(self.width, (3, 3), dtype=self.dtype,
+                                          conv_general_dilated=first_layer_conv)(x))
         x = nn.relu(x)
         x = self.perturb("conv2", nn.Conv(2 * self.width, (3, 3), dtype=self.dtype)(x))
         x = nn.relu(x)
@@ -40,7 +41,6 @@ class LeNet(PerturbableModel):
     Perturbation points: ``input``, ``conv1``, ``conv2``, ``fc1``, ``fc2``.
     """
 
-
     def perturbation_points(self) -> tuple[str, ...]:
         return ("input", "conv1", "conv2", "fc1", "fc2")
 
@@ -48,11 +48,12 @@ class LeNet(PerturbableModel):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.perturb("input", x.astype(self.dtype))
         x = self.normalize_input(x)
-        x = self.perturb("conv1", nn.Conv(6, (5, 5), dtype=self.dtype)(x))
-        x = nn.max_pool(nn.relu(x), (2, 2), (2, 2), padding="SAME")
+        x = self.perturb("conv1", nn.Conv(6, (5, 5), dtype=self.dtype,
+                                          conv_general_dilated=first_layer_conv)(x))
+        x = max_pool(nn.relu(x))
         x = self.perturb("conv2", nn.Conv(16, (5, 5), padding="VALID" if x.shape[1] >= 5
                                           else "SAME", dtype=self.dtype)(x))
-        x = nn.max_pool(nn.relu(x), (2, 2), (2, 2), padding="SAME")
+        x = max_pool(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(self.perturb("fc1", nn.Dense(120, dtype=self.dtype)(x)))
         x = nn.relu(self.perturb("fc2", nn.Dense(84, dtype=self.dtype)(x)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from anp_jax.models.layers import PerturbableModel
+from anp_jax.models.layers import PerturbableModel, first_layer_conv, max_pool
 
 # Channels of each convolution; "M" is a 2x2 max-pool.
 VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -47,10 +47,11 @@ class VGG(PerturbableModel):
         index = 0
         for channels in VGG_CONFIGS[self.depth]:
             if channels == "M":
-                x = nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
+                x = max_pool(x)
                 continue
             index += 1
-            x = nn.Conv(max(1, int(channels * self.width)), (3, 3), dtype=self.dtype)(x)
+            x = nn.Conv(max(1, int(channels * self.width)), (3, 3), dtype=self.dtype,
+                        conv_general_dilated=first_layer_conv if index == 1 else None)(x)
             x = self.perturb(f"conv{index}", x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              axis_name=self.axis_name, dtype=self.dtype)(x)
