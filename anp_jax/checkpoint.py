@@ -71,8 +71,8 @@ def manager(directory: epath.PathLike, max_to_keep: int = 3) -> ocp.CheckpointMa
     """A checkpoint manager for ``directory`` (local or ``gs://``; created if needed)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
-    return ocp.CheckpointManager(_path(directory), options=options,
-                                 item_names=("state", "loop"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(_path(directory), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, loop: dict) -> None:
@@ -105,6 +105,7 @@ def restore_latest(mngr: ocp.CheckpointManager, template: TrainState,
         path = epath.Path(mngr.directory) / str(step)
         try:
             stored = mngr.item_metadata(step)["state"]
+            stored = getattr(stored, "tree", stored)
             if stored is None:
                 raise ValueError("no metadata")
         except Exception as err:  # noqa: BLE001 (damaged metadata: unreadable)
@@ -144,7 +145,8 @@ def _structure_mismatch(stored: PyTree, target: PyTree) -> str:
     def shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
         flat = jax.tree_util.tree_flatten_with_path(
             tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-        return {jax.tree_util.keystr(k): tuple(getattr(v, "shape", np.shape(v)))
+        return {"/".join(str(getattr(e, "key", getattr(e, "name", getattr(e, "idx", e))))
+                         for e in k): tuple(getattr(v, "shape", np.shape(v)))
                 for k, v in flat}
 
     got, want = shapes(stored), shapes(target)

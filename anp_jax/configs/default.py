@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.method = "anp"
     config.seed = 0  # parameter init, data order, augmentation, dropout and noise init
 
-    config.num_epochs = 30  # passes over the training split (may be fractional)
+    config.num_epochs = 30  # passes over the training split
     config.batch_size = 32  # global batch, split across devices and processes
     config.optimizer = "sgd"  # "sgd" (momentum, L2 weight decay) or "adam" (AdamW)
     config.learning_rate = 0.05  # peak learning rate
