@@ -79,7 +79,8 @@ def step_decay(init_value: float, every: float, factor: float, num_epochs: float
 
     ``offset=1`` is PyTorch's ``StepLR(step_size=every)`` stepped at the start of every
     epoch, as the official ANP code does: with ``every=30`` the rate drops at epochs 29, 59
-    and 89 (0-indexed), one epoch before "every 30 epochs".
+    and 89 (0-indexed), one epoch before "every 30 epochs" (and, for 120 epochs, once more
+    at epoch 119, StepLR's 120th step).
     """
     if every <= 0 or not 0 <= offset < every:
         raise ValueError(f"step_decay needs every > 0 and 0 <= offset < every, got "

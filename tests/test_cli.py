@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env
 
 from anp_jax import cli
 

@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_decay_epochs = 30  # "step": multiply by lr_decay_factor every this many epochs
     config.lr_decay_factor = 0.1  # "step": the factor of each drop
     # "step": the drops come this many epochs early (1: PyTorch's StepLR stepped at the
-    # start of each epoch, the official code's drops at epochs 29, 59, 89 for 30)
+    # start of each epoch, the official code's drops at epochs 29, 59, 89, ... for 30)
     config.lr_decay_offset = 0
     config.momentum = 0.9  # SGD momentum
     config.weight_decay = 5e-4  # L2 weight decay (SGD) or decoupled decay (Adam)
