@@ -525,8 +525,10 @@ class _Run:
             raise ConfigError(f"config.batch_size={config.batch_size}: must be a multiple of "
                               f"the {n_dev * self.process_count} devices")
         self.spec = data_lib.get_spec(config.dataset)
+        t_data = time.perf_counter()
         self.source = input_pipeline.create_source(config, self.spec, n_dev,
                                                    self.process_index, self.process_count)
+        self.data_seconds = time.perf_counter() - t_data
         self.per_epoch = self.source.steps_per_epoch
         self.total = int(round(config.num_epochs * self.per_epoch))
 
@@ -682,8 +684,8 @@ class _Run:
                     if self.is_main and self.progress:
                         since = time.perf_counter() - self.t_start
                         self.log(f"first training step done {since:.1f} s after the run "
-                                 f"started ({_since_process_start():.1f} s after the process "
-                                 f"started)")
+                                 f"started ({self.data_seconds:.1f} s of it reading the data; "
+                                 f"{_since_process_start():.1f} s after the process started)")
                 stop = signals is not None and signals.should_stop(done)
                 end_of_epoch = done % self.per_epoch == 0
                 log_point = done % self.log_every == 0 or end_of_epoch
