@@ -31,7 +31,6 @@ checkpoint and evaluation points.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 import math
@@ -563,8 +562,16 @@ class _Run:
             if restored is not None:
                 state, self.loop = restored
                 self.resumed = True
-        # Give the state the sharding that pmap returns, so the step compiles only once.
-        self._identity = jax.pmap(lambda s: s, devices=self.pmap_devices)
+        # One process: the step is jit(shard_map) over a mesh of the devices (what pmap
+        # does, without pmap's per-call Python work); several: pmap, which converts between
+        # host-local and global arrays.  The identity gives the state the sharding that the
+        # step returns, so the step compiles only once.
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
+        self.sharding = jax.NamedSharding(self.mesh, jax.P("batch"))
+        if self.process_count == 1:
+            self._identity = jax.jit(lambda s: s, out_shardings=self.sharding)
+        else:
+            self._identity = jax.pmap(lambda s: s)
         self.state = self._identity(state)
         self.start = int(np.asarray(ckpt_lib.first_replica(self.state.batches)))
         if self.resumed and self.is_main:
@@ -611,9 +618,13 @@ class _Run:
             if self.is_main and self.progress:
                 self.log(f"compiling the train step{f' (k={k})' if k is not None else ''} "
                          f"...")
-            self.compiled[k] = jax.pmap(functools.partial(self._step_fn, k=k),
-                                        axis_name="batch", donate_argnums=(0, 1),
-                                        devices=self.pmap_devices)
+            fn = functools.partial(self._step_fn, k=k)
+            if self.process_count == 1:
+                self.compiled[k] = jax.jit(jax.shard_map(
+                    _per_device(fn), mesh=self.mesh, in_specs=jax.P("batch"),
+                    out_specs=jax.P("batch")), donate_argnums=(0, 1))
+            else:
+                self.compiled[k] = jax.pmap(fn, axis_name="batch", donate_argnums=(0, 1))
         return self.compiled[k]
 
     def new_buffer(self) -> jax.Array:
@@ -621,8 +632,13 @@ class _Run:
         return self._identity(jax_utils.replicate(zeros, self.devices))
 
     def batches(self, start: int, stop: int) -> Iterable[dict]:
-        return self.source.train_iter(start, prefetch=max(1, self.config.get(
-            "prefetch_batches", 2)), devices=self.devices, stop=stop)
+        """Training batches ``start .. stop - 1`` on the devices, ``prefetch_batches`` ahead."""
+        ahead = max(1, self.config.get("prefetch_batches", 2))
+        if self.process_count > 1:
+            return self.source.train_iter(start, prefetch=ahead, devices=self.devices,
+                                          stop=stop)
+        return _prefetch((jax.device_put(b, self.sharding) for b in
+                          self.source.train_iter(start, prefetch=0, stop=stop)), ahead)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -777,6 +793,54 @@ class _Run:
         }
 
 
+def _per_device(fn: Callable) -> Callable:
+    """``fn`` of one device's arrays, as a function of ``[1, ...]`` blocks (shard_map's view
+    of arrays sharded on their leading axis, pmap's convention)."""
+    def blocks(*args):
+        out = fn(*jax.tree.map(lambda x: x[0], args))
+        return jax.tree.map(lambda x: x[None], out)
+
+    return blocks
+
+
+def _prefetch(items: Iterable, ahead: int) -> Iterable:
+    """``items``, produced in order by a background thread up to ``ahead`` items before they
+    are used: the host builds and transfers the next batches while the device computes."""
+    import queue as queue_lib
+
+    queue: queue_lib.Queue = queue_lib.Queue(maxsize=ahead)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        queue.put(item, timeout=0.1)
+                        break
+                    except queue_lib.Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as err:  # noqa: BLE001 (re-raised in the consumer)
+            queue.put(err)
+
+    thread = threading.Thread(target=produce, daemon=True, name="anp-jax-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def _first_examples(batches: Iterable[dict], n: int, process_count: int) -> Iterable[dict]:
     """The batches holding the first ``n`` examples (``n / process_count`` of each
     process's slice), the rest masked out: a fixed subset of the evaluation split."""
@@ -852,51 +916,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
 
 def time_per_batch(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-                   batches: int = 200, warmup: int = 20) -> dict:
-    """Steady-state seconds per mini-batch of the trainer's loop against the bare step.
+                   batches: int = 100, repeats: int = 5, warmup: int = 20) -> dict:
+    """Steady-state time per mini-batch of the trainer's loop against the bare step.
 
-    Runs the real loop (prefetch, the compiled wrapper with in-step schedules and keys,
-    the device metric buffer, log rows into ``workdir``; no checkpoints) for ``warmup``
-    then ``batches`` mini-batches, and the bare jitted :func:`anp_jax.train.train_step`
-    (one device batch, fixed host hyper-parameters) as many times, side by side.
+    Runs the real loop (threaded prefetch, the compiled wrapper with in-step schedules and
+    keys, the device metric buffer, log rows into ``workdir``; no checkpoints) and the bare
+    jitted :func:`anp_jax.train.train_step` (one device batch, fixed host hyper-parameters)
+    in alternating blocks of ``batches`` mini-batches, ``repeats`` times each, after
+    ``warmup`` mini-batches of each (compilation).  Wall and process CPU time (all threads)
+    are taken per block.
 
-    Returns ``{"trainer_s", "bare_s", "ratio", "batches"}`` (seconds per mini-batch).
+    Returns ``{"trainer_s", "bare_s", "ratio", "trainer_cpu_s", "bare_cpu_s", "cpu_ratio",
+    "batches", "repeats"}``: seconds per mini-batch, the fastest block of each (the one least
+    disturbed by other work on the machine), and their ratios.
     """
     with config.unlocked(), config.ignore_type():
         config.eval_every_epochs = 0
     run = _Run(config, workdir, log=lambda m: None, progress=False, schedule_overrides=None,
                checkpoints=False)
     writer = _make_writer(run.workdir, None, tensorboard=False)
-    run.total = max(run.total, warmup + batches)
+    run.total = max(run.total, warmup + repeats * batches)
     run.k_table = run._k_table() if run.unroll else None
     run.train(writer, stop_at=warmup)
     jax.block_until_ready(run.state)
-    t = time.perf_counter()
-    run.train(writer, stop_at=warmup + batches)
-    jax.block_until_ready(run.state)
-    trainer_s = (time.perf_counter() - t) / batches
 
     one = jax.tree.map(ckpt_lib.first_replica, run.state)
     host_batch = jax.tree.map(lambda x: x[0], run.source.train_batch(0))
     hp = {n: np.asarray(v) for n, v in hparams_at(run.scheds, warmup / run.per_epoch).items()}
-    k = int(hp["k"]) if run.unroll else None
+    k = int(run.k_table[warmup]) if run.unroll else None
     bare = jax.jit(functools.partial(train_lib.train_step, static_k=k,
                                      adversary=run.adversary), donate_argnums=(0,))
     batch = jax.device_put(host_batch)
     for _ in range(warmup):
         one, _ = bare(one, batch, hp)
     jax.block_until_ready(one)
-    t = time.perf_counter()
-    for _ in range(batches):
-        one, _ = bare(one, batch, hp)
-    jax.block_until_ready(one)
-    bare_s = (time.perf_counter() - t) / batches
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        return (time.perf_counter() - t) / batches, (time.process_time() - c) / batches
+
+    def trainer_block() -> None:
+        run.train(writer, stop_at=run.start + batches)
+        jax.block_until_ready(run.state)
+
+    def bare_block() -> None:
+        nonlocal one
+        for _ in range(batches):
+            one, _ = bare(one, batch, hp)
+        jax.block_until_ready(one)
+
+    trainer_t, bare_t = [], []
+    for _ in range(repeats):
+        trainer_t.append(timed(trainer_block))
+        bare_t.append(timed(bare_block))
     writer.close()
-    return {"trainer_s": trainer_s, "bare_s": bare_s, "ratio": trainer_s / bare_s,
-            "batches": batches}
-
-
-def suggest_field(name: str, fields: Iterable[str]) -> str | None:
-    """The field closest to the misspelt ``name`` (dotted), or None."""
-    match = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
-    return match[0] if match else None
+    tw, tc = min(w for w, _ in trainer_t), min(c for _, c in trainer_t)
+    bw, bc = min(w for w, _ in bare_t), min(c for _, c in bare_t)
+    return {"trainer_s": tw, "bare_s": bw, "ratio": tw / bw, "trainer_cpu_s": tc,
+            "bare_cpu_s": bc, "cpu_ratio": tc / bc, "batches": batches, "repeats": repeats}
