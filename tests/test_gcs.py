@@ -63,7 +63,10 @@ def _listing(env_extra, prefix):
     root = f"gs://{BUCKET}/{prefix}"
     code = ("import json\nfrom etils import epath\n"
             f"root = epath.Path({root!r})\n"
-            "files = sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file())\n"
+            "def walk(p):\n"
+            "    for c in p.iterdir():\n"
+            "        yield from walk(c) if c.is_dir() else [str(c)[len(str(root)) + 1:]]\n"
+            "files = sorted(walk(root))\n"
             "print(json.dumps(files))\nprint((root / 'metrics.json').read_text())\n")
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env_extra),
                          capture_output=True, text=True, timeout=120)
