@@ -310,13 +310,22 @@ def _resumable(field: str) -> bool:
     return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
 
 
-def config_differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:
-    """``(field, old value, new value)`` for every field that differs (dotted names)."""
+def config_differences(old: Mapping, new: Mapping, defaults: Mapping | None = None
+                       ) -> list[tuple[str, Any, Any]]:
+    """``(field, old value, new value)`` for every field that differs (dotted names).
+
+    A field that ``old`` lacks (added to the config after that run started) and whose new
+    value is its value in ``defaults`` is no difference: new fields default to the old
+    behaviour.
+    """
     a, b = _flat(old), _flat(new)
+    d = _flat(defaults or {})
     missing = object()
     out = []
     for field in sorted(set(a) | set(b)):
         va, vb = a.get(field, missing), b.get(field, missing)
+        if va is missing and field in d and d[field] == vb:
+            continue
         if va != vb:
             out.append((field, None if va is missing else va, None if vb is missing else vb))
     return out
@@ -353,7 +362,10 @@ def check_resume(config: ml_collections.ConfigDict, resolved: dict, workdir: epa
         old = json.loads((workdir / "metrics.json").read_text()).get("config")
     if old is None:
         return
-    diffs = config_differences(old, resolved)
+    from anp_jax.configs import default as default_config
+
+    diffs = config_differences(old, resolved, json.loads(json.dumps(
+        default_config.get_config().to_dict())))
     blocking = [d for d in diffs if not _resumable(d[0])]
     if not blocking and any(f == "num_epochs" for f, _, _ in diffs):
         try:

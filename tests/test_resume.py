@@ -124,3 +124,13 @@ def test_mismatched_checkpoint_is_an_error_not_corrupt(tmp_path):
     np.testing.assert_array_equal(restored.noise.injection["conv1"],
                                   state.noise.injection["conv1"])
     assert loop == {"batches": 0}
+
+
+def test_fields_added_later_at_their_default_are_no_difference():
+    old = {"seed": 0, "anp": {"k": 2}}
+    defaults = {"seed": 0, "anp": {"k": 2, "new_rule": "none"}, "lr_decay_offset": 0}
+    new = {"seed": 0, "anp": {"k": 2, "new_rule": "none"}, "lr_decay_offset": 0}
+    assert trainer.config_differences(old, new, defaults) == []
+    new["anp"]["new_rule"] = "scaled"
+    assert trainer.config_differences(old, new, defaults) == [("anp.new_rule", None, "scaled")]
+    assert trainer.config_differences(old, dict(new, seed=1), defaults)[-1] == ("seed", 0, 1)
