@@ -91,6 +91,7 @@ def test_train_and_resume_on_gcs(emulator, data_dir):
     refused = _run([*args, "--config.num_epochs=2", "--config.seed=1"], data_dir, emulator)
     assert refused.returncode == 2 and "seed: 0 -> 1" in refused.stderr
     names, metrics = _listing(emulator, "run")
+    names = set(names)
     assert {"config.json", "metrics.json", "metrics.jsonl"} <= names
     steps = {n.split("/")[1] for n in names if n.startswith("checkpoints/")}
     assert {"44", "88"} <= steps, steps
