@@ -72,6 +72,25 @@ def cosine(init_value: float, end_value: float, transition: float,
                  transition, start)
 
 
+def step_decay(init_value: float, every: float, factor: float, num_epochs: float,
+               offset: float = 0.0) -> Schedule:
+    """``init_value * factor ** n`` after ``n`` drops, one every ``every`` epochs, the first
+    at ``every - offset`` (drops at or beyond ``num_epochs`` are left out).
+
+    ``offset=1`` is PyTorch's ``StepLR(step_size=every)`` stepped at the start of every
+    epoch, as the official ANP code does: with ``every=30`` the rate drops at epochs 29, 59
+    and 89 (0-indexed), one epoch before "every 30 epochs" (and, for 120 epochs, once more
+    at epoch 119, StepLR's 120th step).
+    """
+    if every <= 0 or not 0 <= offset < every:
+        raise ValueError(f"step_decay needs every > 0 and 0 <= offset < every, got "
+                         f"every={every}, offset={offset}")
+    bounds = []
+    while (every * (len(bounds) + 1) - offset) < num_epochs:
+        bounds.append(every * (len(bounds) + 1) - offset)
+    return piecewise_constant(bounds, [init_value * factor ** i for i in range(len(bounds) + 1)])
+
+
 # The official CIFAR-10 schedule (VGG-16-BN, 120 epochs): epoch boundaries and values.
 OFFICIAL_BOUNDARIES = (40, 60, 80, 100)
 OFFICIAL_EPS = (0.0, 0.3, 1.0, 0.3, 0.0)

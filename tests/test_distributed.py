@@ -137,6 +137,37 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, data_dir, tmp_
     assert _numbers(got) == _numbers(reference_run[1])
 
 
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_then_resume_matches_uninterrupted(reference_run, data_dir, tmp_path,
+                                                        signum, status):
+    """SIGTERM/SIGINT mid-run: the step in flight finishes, a checkpoint of the mini-batches
+    done is saved, one line says so, the exit status is 143/130; the rerun ends with the
+    uninterrupted run's metrics, bit for bit."""
+    workdir = tmp_path / "stopped"
+    proc = start_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
+    deadline = time.time() + 300
+    while not _finished_steps(workdir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere between checkpoints
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == status, err[-2000:]
+    lines = [line for line in err.splitlines() if "stopped by" in line]
+    assert len(lines) == 1, err[-2000:]
+    done = int(re.search(r"after mini-batch (\d+)", lines[0]).group(1))
+    assert signal.Signals(signum).name in lines[0]
+    assert done in _finished_steps(workdir) and done < 4 * 44
+    assert not (workdir / "metrics.json").exists()
+    resumed = run_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from checkpoint at mini-batch {done}" in resumed.stderr
+    got = json.loads((workdir / "metrics.json").read_text())
+    assert _numbers(got) == _numbers(reference_run[1])
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train_loss" in r]
+    assert steps == sorted(set(steps))  # no row twice
+
+
 def test_corrupt_newest_checkpoint_falls_back(reference_run, data_dir, tmp_path):
     workdir = tmp_path / "corrupt"
     shutil.copytree(reference_run[0], workdir)

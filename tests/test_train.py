@@ -305,3 +305,24 @@ def test_noise_scaled_by_activation_norm(model):
     config.anp.update({"scale_by_activation_norm": True, "init": "gaussian"})
     with pytest.raises(trainer.ConfigError, match="anp.init"):
         trainer.build_noise_transform(config)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_step_learning_rate_drops_like_torch_steplr(offset):
+    """The official CIFAR-10 config steps PyTorch's StepLR(step_size=30, gamma=0.1) at the
+    start of every epoch: during (0-indexed) epoch e the rate is 0.05 * 0.1 ** ((e + 1) //
+    30), so it drops at epochs 29, 59 and 89, and (its 120th step) once more for the last
+    epoch, 119; offset 0 is the plain "every 30 epochs"."""
+    from anp_jax import trainer
+    from anp_jax.configs import cifar10
+
+    config = cifar10.get_config()
+    assert config.lr_decay_offset == 1  # the official recipe
+    config.lr_decay_offset = offset
+    lr = trainer.make_schedules(config)["lr"]
+    for epoch in range(120):
+        want = 0.05 * 0.1 ** ((epoch + offset) // 30)
+        for frac in (0.0, 0.5, 0.999):  # constant within the epoch
+            np.testing.assert_allclose(float(lr(epoch + frac)), want, rtol=1e-6)
+    drops = [e for e in range(1, 120) if float(lr(e)) < float(lr(e - 1))]
+    assert drops == ([29, 59, 89, 119] if offset else [30, 60, 90])

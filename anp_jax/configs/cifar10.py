@@ -1,10 +1,12 @@
 """The official CIFAR-10 recipe of the authors' code, for any model.
 
-120 epochs; SGD lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 every 30 epochs; batch
-128; noise on the input and every perturbation point of the model, eps/alpha/k from the
-official table (clean for epochs 0-39 and 100-119); pad 4 + random crop 32 + horizontal
-flip, on the device; pixels in [0, 1]. ``experiments/configs/cifar10_vgg16.py`` and
-``cifar10_resnet18.py`` are this recipe with their model.
+120 epochs; SGD lr 0.05, momentum 0.9, weight decay 5e-4, lr x0.1 every 30 epochs with
+the drops at epochs 29, 59, 89 and 119 (0-indexed: PyTorch's StepLR stepped at the start
+of each epoch); batch 128; noise on the input and every perturbation point of the model,
+eps/alpha/k from the official table (clean for epochs 0-39 and 100-119); pad 4 + random
+crop 32 + horizontal flip, on the device; pixels in [0, 1].
+``experiments/configs/cifar10_vgg16.py`` and ``cifar10_resnet18.py`` are this recipe with
+their model.
 """
 
 import ml_collections
@@ -33,6 +35,7 @@ def get_config(model: str = "vgg16") -> ml_collections.ConfigDict:
     config.lr_schedule = "step"
     config.lr_decay_epochs = 30
     config.lr_decay_factor = 0.1
+    config.lr_decay_offset = 1  # StepLR stepped at each epoch's start: 29, 59, 89, 119
     config.momentum = 0.9
     config.weight_decay = 5e-4
 
