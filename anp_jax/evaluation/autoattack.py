@@ -138,29 +138,114 @@ class APGDResult(NamedTuple):
     fooled: jax.Array  # whether some iterate was misclassified, [B] bool
     x_best: jax.Array  # the highest-loss iterate, [B, H, W, C]
     loss_best: jax.Array  # its loss, [B]
-    step_sizes: jax.Array  # the step size eta^(k) of every iteration, [num_steps, B]
+    step_sizes: jax.Array | None = None  # step size eta^(k) of every iteration, [num_steps, B]
 
 
-class _APGDState(NamedTuple):
+class APGDState(NamedTuple):
+    """APGD's per-example state between iterations (all ``[B, ...]``)."""
+
     x_adv: jax.Array  # current iterate x^(k)
     x_prev: jax.Array  # previous iterate x^(k-1)
     grad: jax.Array  # gradient at x_adv
-    loss: jax.Array  # loss at x_adv, [B]
-    step_size: jax.Array  # eta^(k), [B]
+    loss: jax.Array  # loss at x_adv
+    step_size: jax.Array  # eta^(k)
     x_best: jax.Array
     grad_best: jax.Array
     loss_best: jax.Array
-    num_increases: jax.Array  # loss increases since the last checkpoint, [B] int32
-    loss_best_at_check: jax.Array  # loss_best at the last checkpoint, [B]
-    reduced_at_check: jax.Array  # whether the step was halved at the last checkpoint, [B]
+    num_increases: jax.Array  # loss increases since the last checkpoint, int32
+    loss_best_at_check: jax.Array  # loss_best at the last checkpoint
+    reduced_at_check: jax.Array  # whether the step was halved at the last checkpoint
     x_found: jax.Array  # last misclassified iterate
-    fooled: jax.Array  # [B] bool
+    fooled: jax.Array  # bool
+    y_target: jax.Array  # target classes of the targeted loss (else y), int32
+
+
+def _loss_grad(logits_fn: LogitsFn, z: jax.Array, y: jax.Array, y_target: jax.Array,
+               loss: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-example loss ``[B]``, its gradient w.r.t. ``z`` and whether ``z`` is misclassified."""
+    per_example_loss = _loss_fn(loss, y, y_target)
+
+    def total(z_: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        logits = logits_fn(z_)
+        losses = per_example_loss(logits)
+        return jnp.sum(losses), (losses, jnp.argmax(logits, -1) != y)
+
+    (_, (losses, fooled)), grad = jax.value_and_grad(total, has_aux=True)(z)
+    return losses, grad, fooled
+
+
+def _where(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(attacks.per_example(mask, a), a, b)
+
+
+def apgd_init(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *,
+              rng: jax.Array, norm: str = "linf", loss: str = "ce",
+              y_target: jax.Array | None = None) -> APGDState:
+    """APGD's state at a uniform random start in the ball (see :func:`apgd`)."""
+    attacks.check_norm(norm)
+    y_target = y.astype(jnp.int32) if y_target is None else y_target.astype(jnp.int32)
+    x0 = attacks.uniform_start(rng, x, eps, norm)
+    loss0, grad0, fooled0 = _loss_grad(logits_fn, x0, y, y_target, loss)
+    batch = x.shape[0]
+    return APGDState(
+        x_adv=x0, x_prev=x0, grad=grad0, loss=loss0,
+        step_size=jnp.full((batch,), 2.0, x.dtype) * eps,
+        x_best=x0, grad_best=grad0, loss_best=loss0,
+        num_increases=jnp.zeros((batch,), jnp.int32), loss_best_at_check=loss0,
+        reduced_at_check=jnp.zeros((batch,), bool), x_found=x0, fooled=fooled0,
+        y_target=y_target)
+
+
+def apgd_step(logits_fn: LogitsFn, s: APGDState, x: jax.Array, y: jax.Array, eps: Scalar,
+              k: int | jax.Array, *, num_steps: int, norm: str = "linf", loss: str = "ce",
+              rho: float = 0.75, momentum: float = 0.75) -> APGDState:
+    """Iteration ``k`` (may be traced) of an APGD run of ``num_steps`` (see :func:`apgd`)."""
+    # Static tables over k: whether x^(k+1) is a checkpoint and, if so, the number of
+    # iterations since the previous one.
+    is_checkpoint = np.zeros(num_steps, bool)
+    interval = np.zeros(num_steps, np.float32)
+    previous = 0
+    for w in apgd_checkpoints(num_steps):
+        is_checkpoint[w - 1], interval[w - 1], previous = True, w - previous, w
+    at_checkpoint, since = jnp.asarray(is_checkpoint)[k], jnp.asarray(interval)[k]
+    alpha = jnp.where(k == 0, 1.0, momentum)
+    step = attacks.per_example(s.step_size, x) * attacks.ascent_direction(s.grad, norm)
+    z = attacks.project(s.x_adv + step, x, eps, norm)
+    x_new = attacks.project(
+        s.x_adv + alpha * (z - s.x_adv) + (1.0 - alpha) * (s.x_adv - s.x_prev), x, eps, norm)
+    loss_new, grad_new, fooled_new = _loss_grad(logits_fn, x_new, y, s.y_target, loss)
+    num_increases = s.num_increases + (loss_new > s.loss)
+    improved = loss_new > s.loss_best
+    x_best = _where(improved, x_new, s.x_best)
+    grad_best = _where(improved, grad_new, s.grad_best)
+    loss_best = jnp.where(improved, loss_new, s.loss_best)
+    too_few_increases = num_increases < rho * since
+    stalled = ~s.reduced_at_check & (loss_best <= s.loss_best_at_check)
+    reduce = at_checkpoint & (too_few_increases | stalled)
+    return APGDState(
+        x_adv=_where(reduce, x_best, x_new),
+        x_prev=_where(reduce, x_best, s.x_adv),
+        grad=_where(reduce, grad_best, grad_new),
+        loss=jnp.where(reduce, loss_best, loss_new),
+        step_size=jnp.where(reduce, s.step_size / 2, s.step_size),
+        x_best=x_best, grad_best=grad_best, loss_best=loss_best,
+        num_increases=jnp.where(at_checkpoint, 0, num_increases),
+        loss_best_at_check=jnp.where(at_checkpoint, loss_best, s.loss_best_at_check),
+        reduced_at_check=jnp.where(at_checkpoint, reduce, s.reduced_at_check),
+        x_found=_where(fooled_new, x_new, s.x_found),
+        fooled=s.fooled | fooled_new, y_target=s.y_target)
+
+
+def apgd_result(s: APGDState, step_sizes: jax.Array | None = None) -> APGDResult:
+    """The :class:`APGDResult` of a final state."""
+    return APGDResult(x_adv=_where(s.fooled, s.x_found, s.x_best), fooled=s.fooled,
+                      x_best=s.x_best, loss_best=s.loss_best, step_sizes=step_sizes)
 
 
 def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *, rng: jax.Array,
          num_steps: int = 100, norm: str = "linf", loss: str = "ce",
-         y_target: jax.Array | None = None, rho: float = 0.75, momentum: float = 0.75,
-         unroll: int = 1) -> APGDResult:
+         y_target: jax.Array | None = None, rho: float = 0.75, momentum: float = 0.75
+         ) -> APGDResult:
     """Auto-PGD (Croce & Hein 2020, Algorithm 1) on ``loss``.
 
     From a uniform random start ``x^(0)`` in the ball, each iteration takes a steepest-ascent
@@ -174,6 +259,8 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *, rng: j
     size and restarts from its best point (without momentum) if (1) fewer than
     ``rho * (w_j - w_{j-1})`` of its iterations since ``w_{j-1}`` increased the loss, or (2)
     its step size was not halved at ``w_{j-1}`` and its best loss has not grown since.
+    The same run, one iteration at a time: :func:`apgd_init`, :func:`apgd_step`,
+    :func:`apgd_result`.
 
     Args:
       logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
@@ -187,86 +274,26 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *, rng: j
       y_target: target classes ``[B]`` of the targeted DLR loss.
       rho: threshold on the fraction of loss-increasing iterations (condition 1).
       momentum: ``alpha`` above.
-      unroll: iterations unrolled per loop trip (static).
 
     Returns:
       An :class:`APGDResult`; every image lies in ``[0, 1]`` and in the ``eps``-ball.
     """
-    attacks.check_norm(norm)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    per_example_loss = _loss_fn(loss, y, y_target)
+    _loss_fn(loss, y, y_target)  # fail early on a bad loss
 
-    def loss_grad(z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        def total(z_: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            logits = logits_fn(z_)
-            losses = per_example_loss(logits)
-            return jnp.sum(losses), (losses, jnp.argmax(logits, -1) != y)
+    def body(s: APGDState, k: jax.Array) -> tuple[APGDState, jax.Array]:
+        return apgd_step(logits_fn, s, x, y, eps, k, num_steps=num_steps, norm=norm,
+                         loss=loss, rho=rho, momentum=momentum), s.step_size
 
-        (_, (losses, fooled)), grad = jax.value_and_grad(total, has_aux=True)(z)
-        return losses, grad, fooled
-
-    # Static tables over the iterations k: whether x^(k+1) is a checkpoint and, if so, the
-    # number of iterations since the previous one.
-    is_checkpoint = np.zeros(num_steps, bool)
-    interval = np.zeros(num_steps, np.float32)
-    previous = 0
-    for w in apgd_checkpoints(num_steps):
-        is_checkpoint[w - 1], interval[w - 1], previous = True, w - previous, w
-
-    def where(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.where(attacks.per_example(mask, a), a, b)
-
-    def body(s: _APGDState, table: tuple[jax.Array, jax.Array, jax.Array]
-             ) -> tuple[_APGDState, jax.Array]:
-        k, at_checkpoint, since = table
-        alpha = jnp.where(k == 0, 1.0, momentum)
-        step = attacks.per_example(s.step_size, x) * attacks.ascent_direction(s.grad, norm)
-        z = attacks.project(s.x_adv + step, x, eps, norm)
-        x_new = attacks.project(
-            s.x_adv + alpha * (z - s.x_adv) + (1.0 - alpha) * (s.x_adv - s.x_prev), x, eps, norm)
-        loss_new, grad_new, fooled_new = loss_grad(x_new)
-        num_increases = s.num_increases + (loss_new > s.loss)
-        improved = loss_new > s.loss_best
-        x_best = where(improved, x_new, s.x_best)
-        grad_best = where(improved, grad_new, s.grad_best)
-        loss_best = jnp.where(improved, loss_new, s.loss_best)
-        too_few_increases = num_increases < rho * since
-        stalled = ~s.reduced_at_check & (loss_best <= s.loss_best_at_check)
-        reduce = at_checkpoint & (too_few_increases | stalled)
-        new = _APGDState(
-            x_adv=where(reduce, x_best, x_new),
-            x_prev=where(reduce, x_best, s.x_adv),
-            grad=where(reduce, grad_best, grad_new),
-            loss=jnp.where(reduce, loss_best, loss_new),
-            step_size=jnp.where(reduce, s.step_size / 2, s.step_size),
-            x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-            num_increases=jnp.where(at_checkpoint, 0, num_increases),
-            loss_best_at_check=jnp.where(at_checkpoint, loss_best, s.loss_best_at_check),
-            reduced_at_check=jnp.where(at_checkpoint, reduce, s.reduced_at_check),
-            x_found=where(fooled_new, x_new, s.x_found),
-            fooled=s.fooled | fooled_new)
-        return new, s.step_size
-
-    x0 = attacks.uniform_start(rng, x, eps, norm)
-    loss0, grad0, fooled0 = loss_grad(x0)
-    batch = x.shape[0]
-    init = _APGDState(
-        x_adv=x0, x_prev=x0, grad=grad0, loss=loss0,
-        step_size=jnp.full((batch,), 2.0, x.dtype) * eps,
-        x_best=x0, grad_best=grad0, loss_best=loss0,
-        num_increases=jnp.zeros((batch,), jnp.int32), loss_best_at_check=loss0,
-        reduced_at_check=jnp.zeros((batch,), bool), x_found=x0, fooled=fooled0)
-    tables = (jnp.arange(num_steps), jnp.asarray(is_checkpoint), jnp.asarray(interval))
-    final, step_sizes = jax.lax.scan(body, init, tables, unroll=unroll)
-    return APGDResult(x_adv=where(final.fooled, final.x_found, final.x_best),
-                      fooled=final.fooled, x_best=final.x_best, loss_best=final.loss_best,
-                      step_sizes=step_sizes)
+    init = apgd_init(logits_fn, x, y, eps, rng=rng, norm=norm, loss=loss, y_target=y_target)
+    final, step_sizes = jax.lax.scan(body, init, jnp.arange(num_steps))
+    return apgd_result(final, step_sizes)
 
 
 def apgd_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *,
                   rng: jax.Array, target_rank: int | jax.Array = 2, num_steps: int = 100,
-                  norm: str = "linf", rho: float = 0.75, unroll: int = 1) -> APGDResult:
+                  norm: str = "linf", rho: float = 0.75) -> APGDResult:
     """APGD-T for one target: :func:`apgd` on the targeted DLR loss towards the class with the
     ``target_rank``-th largest clean logit (2 = runner-up; may be traced).
 
@@ -274,7 +301,7 @@ def apgd_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, 
     """
     y_target = target_class(logits_fn(x), target_rank)
     return apgd(logits_fn, x, y, eps, rng=rng, num_steps=num_steps, norm=norm,
-                loss="dlr_targeted", y_target=y_target, rho=rho, unroll=unroll)
+                loss="dlr_targeted", y_target=y_target, rho=rho)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,10 +355,76 @@ class FABResult(NamedTuple):
     distance: jax.Array  # its distance to x in the norm (inf where none), [B]
 
 
+class FABState(NamedTuple):
+    """FAB's per-example state between iterations."""
+
+    x1: jax.Array  # current iterate, [B, H, W, C]
+    best: jax.Array  # closest misclassified point so far (x where none), [B, H, W, C]
+    best_dist: jax.Array  # its distance to x (inf where none), [B]
+    y_target: jax.Array  # target classes, [B] int32
+
+
+def fab_init(logits_fn: LogitsFn, x: jax.Array, *, target_rank: int | jax.Array = 2
+             ) -> FABState:
+    """FAB-T's state at ``x``, aiming at the ``target_rank``-th class of the clean logits."""
+    return FABState(x1=x, best=x, best_dist=jnp.full((x.shape[0],), jnp.inf, x.dtype),
+                    y_target=target_class(logits_fn(x), target_rank))
+
+
+def fab_step(logits_fn: LogitsFn, s: FABState, x: jax.Array, y: jax.Array, *,
+             norm: str = "linf", alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9
+             ) -> FABState:
+    """One FAB-T iteration (see :func:`fab_targeted`)."""
+    batch = x.shape[0]
+    x0 = x.reshape(batch, -1)
+
+    def difference(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = logits_fn(z)
+        diff = _at(logits, s.y_target) - _at(logits, y)
+        return jnp.sum(diff), diff
+
+    dg, df = jax.grad(difference, has_aux=True)(s.x1)
+    w = dg.reshape(batch, -1)
+    p1 = s.x1.reshape(batch, -1)
+    # The hyperplane g(x1) + w . (z - x1) = 0 is reached from p by d with w . d = r.
+    d1 = project_on_hyperplane(w, -df, -p1, 1.0 - p1, norm)
+    d2 = project_on_hyperplane(w, -(df + jnp.sum(w * (x0 - p1), -1)), -x0, 1.0 - x0, norm)
+    a1 = jnp.maximum(_norm(d1, norm), 1e-8)[:, None]
+    a2 = jnp.maximum(_norm(d2, norm), 1e-8)[:, None]
+    a = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)
+    p_new = jnp.clip((p1 + eta * d1) * (1 - a) + (x0 + eta * d2) * a, 0.0, 1.0)
+    x_new = p_new.reshape(x.shape)
+    is_adv = jnp.argmax(logits_fn(x_new), -1) != y
+    dist = _norm(p_new - x0, norm)
+    closer = is_adv & (dist < s.best_dist)
+    return FABState(x1=_where(is_adv, x + beta * (x_new - x), x_new),
+                    best=_where(closer, x_new, s.best),
+                    best_dist=jnp.where(closer, dist, s.best_dist), y_target=s.y_target)
+
+
+def fab_finish(logits_fn: LogitsFn, s: FABState, x: jax.Array, y: jax.Array, *,
+               norm: str = "linf", final_search: int = 10) -> FABResult:
+    """The final search of :func:`fab_targeted`: ``final_search`` bisection steps on the
+    segment from ``x`` to the closest misclassified point found."""
+    def bisect(carry: tuple[jax.Array, jax.Array], _: None
+               ) -> tuple[tuple[jax.Array, jax.Array], None]:
+        lo, hi = carry  # x + lo (best - x) is not misclassified, x + hi (best - x) is
+        mid = (lo + hi) / 2
+        is_adv = jnp.argmax(logits_fn(x + attacks.per_example(mid, x) * (s.best - x)),
+                            -1) != y
+        return (jnp.where(is_adv, lo, mid), jnp.where(is_adv, mid, hi)), None
+
+    ones = jnp.ones((x.shape[0],), x.dtype)
+    (_, hi), _ = jax.lax.scan(bisect, (0 * ones, ones), None, length=final_search)
+    best = x + attacks.per_example(hi, x) * (s.best - x)
+    return FABResult(x_adv=best, distance=jnp.where(jnp.isfinite(s.best_dist),
+                                                    _norm(best - x, norm), jnp.inf))
+
+
 def fab_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *,
                  target_rank: int | jax.Array = 2, num_steps: int = 100, norm: str = "linf",
                  alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                 unroll: int = 1) -> FABResult:
+                 final_search: int = 10) -> FABResult:
     """FAB-T (Croce & Hein 2020): the minimum-norm attack towards one target class.
 
     The target ``t`` has the ``target_rank``-th largest clean logit.  Each iteration
@@ -344,57 +437,30 @@ def fab_targeted(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *,
 
     An iterate that is misclassified (any wrong class) is kept if it is the closest so far,
     and the iterate steps back to ``x + beta (x1 - x)``.  Starts from ``x`` (no restarts,
-    as AutoAttack's standard version).  The caller compares ``distance`` with its budget.
+    as AutoAttack's standard version).  A final bisection on the segment from ``x`` to the
+    closest misclassified point found shrinks it further.  The caller compares ``distance``
+    with its budget.  One iteration at a time: :func:`fab_init`, :func:`fab_step`,
+    :func:`fab_finish`.
 
     Args:
       logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
       x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
       y: integer labels ``[B]``.
       target_rank: rank of the target among the clean logits (may be traced).
-      num_steps: iterations (static).
+      num_steps: iterations (static); each costs a gradient and a forward pass.
       norm: ``"linf"`` or ``"l2"`` (static).
       alpha_max, eta, beta: the reference's extrapolation bound, overshoot and backward step.
-      unroll: iterations unrolled per loop trip (static).
+      final_search: bisection steps (forward passes) of the final search (static).
     """
     attacks.check_norm(norm)
-    batch = x.shape[0]
-    y_target = target_class(logits_fn(x), target_rank)
-    x0 = x.reshape(batch, -1)
 
-    def difference(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = logits_fn(z)
-        diff = _at(logits, y_target) - _at(logits, y)
-        return jnp.sum(diff), diff
+    def body(s: FABState, _: None) -> tuple[FABState, None]:
+        return fab_step(logits_fn, s, x, y, norm=norm, alpha_max=alpha_max, eta=eta,
+                        beta=beta), None
 
-    grad_fn = jax.grad(difference, has_aux=True)
-
-    def body(carry: tuple[jax.Array, jax.Array, jax.Array], _: None
-             ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
-        x1, best, best_dist = carry
-        dg, df = grad_fn(x1)
-        w = dg.reshape(batch, -1)
-        p1 = x1.reshape(batch, -1)
-        # The hyperplane g(x1) + w . (z - x1) = 0, reached from p by d with w . d = r.
-        r1 = -df
-        r0 = -(df + jnp.sum(w * (x0 - p1), -1))
-        d1 = project_on_hyperplane(w, r1, -p1, 1.0 - p1, norm)
-        d2 = project_on_hyperplane(w, r0, -x0, 1.0 - x0, norm)
-        a1 = jnp.maximum(_norm(d1, norm), 1e-8)[:, None]
-        a2 = jnp.maximum(_norm(d2, norm), 1e-8)[:, None]
-        a = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)
-        p_new = jnp.clip((p1 + eta * d1) * (1 - a) + (x0 + eta * d2) * a, 0.0, 1.0)
-        x_new = p_new.reshape(x.shape)
-        is_adv = jnp.argmax(logits_fn(x_new), -1) != y
-        dist = _norm(p_new - x0, norm)
-        closer = is_adv & (dist < best_dist)
-        best = jnp.where(attacks.per_example(closer, x), x_new, best)
-        best_dist = jnp.where(closer, dist, best_dist)
-        x_new = jnp.where(attacks.per_example(is_adv, x), x + beta * (x_new - x), x_new)
-        return (x_new, best, best_dist), None
-
-    init = (x, x, jnp.full((batch,), jnp.inf, x.dtype))
-    (_, best, best_dist), _ = jax.lax.scan(body, init, None, length=num_steps, unroll=unroll)
-    return FABResult(x_adv=best, distance=best_dist)
+    state, _ = jax.lax.scan(body, fab_init(logits_fn, x, target_rank=target_rank), None,
+                            length=num_steps)
+    return fab_finish(logits_fn, state, x, y, norm=norm, final_search=final_search)
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,8 +556,8 @@ def square_init(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *,
 
 def square_steps(logits_fn: LogitsFn, state: SquareState, x: jax.Array, y: jax.Array,
                  eps: Scalar, *, rng: jax.Array, start: int | jax.Array, num_iters: int,
-                 num_queries: int = 5000, norm: str = "linf", p_init: float = 0.8
-                 ) -> SquareState:
+                 num_queries: int = 5000, norm: str = "linf", p_init: float = 0.8,
+                 unrolled: bool = False) -> SquareState:
     """Iterations ``start .. start + num_iters - 1`` of a Square run of ``num_queries``.
 
     Each iteration proposes, for every example, a change of one random ``s x s`` window
@@ -507,6 +573,7 @@ def square_steps(logits_fn: LogitsFn, state: SquareState, x: jax.Array, y: jax.A
       start: index of the first iteration (may be traced).
       num_iters: iterations of this call (static).
       num_queries, norm, p_init: of the whole run (static).
+      unrolled: straight-line code instead of a ``lax.scan`` (static; for few iterations).
     """
     attacks.check_norm(norm)
     batch, height, width, channels = x.shape
@@ -563,6 +630,10 @@ def square_steps(logits_fn: LogitsFn, state: SquareState, x: jax.Array, y: jax.A
         return SquareState(x_best=jnp.where(attacks.per_example(accept, x), x_new, s.x_best),
                            margin=jnp.where(accept, margin_new, s.margin)), None
 
+    if unrolled:
+        for j in range(num_iters):
+            state, _ = body(state, start + j)
+        return state
     final, _ = jax.lax.scan(body, state, start + jnp.arange(num_iters))
     return final
 
@@ -641,59 +712,109 @@ def _device_key(key: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, jax.lax.axis_index(_AXIS))
 
 
+# Kernels: per-device functions of (params, batch_stats, per-example arrays..., broadcast
+# values...) that the runner pmaps.  "Whole" kernels run an attack in one lax.scan; the
+# init / step / final kernels let the host drive the iterations (XLA:CPU runs convolution
+# gradients inside loops about twice as slowly as outside them).
+
+
 def _clean_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array, *,
                   apply_fn: Callable) -> jax.Array:
     return jnp.argmax(model_logits_fn(apply_fn, params, batch_stats)(x), -1) == y
 
 
+def _verify_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
+                   x_adv: jax.Array, eps: jax.Array, *, apply_fn: Callable, norm: str
+                   ) -> jax.Array:
+    return _fooled(model_logits_fn(apply_fn, params, batch_stats), x_adv, x, y, eps, norm)
+
+
 def _apgd_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
                  eps: jax.Array, key: jax.Array, rank: jax.Array, *, apply_fn: Callable,
-                 norm: str, num_steps: int, loss: str, rho: float, unroll: int) -> jax.Array:
+                 norm: str, num_steps: int, loss: str, rho: float) -> jax.Array:
     fn = model_logits_fn(apply_fn, params, batch_stats)
     y_target = target_class(fn(x), rank) if loss == "dlr_targeted" else None
     result = apgd(fn, x, y, eps, rng=_device_key(key), num_steps=num_steps, norm=norm,
-                  loss=loss, y_target=y_target, rho=rho, unroll=unroll)
+                  loss=loss, y_target=y_target, rho=rho)
     return _fooled(fn, result.x_adv, x, y, eps, norm)
+
+
+def _apgd_init_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
+                      eps: jax.Array, key: jax.Array, rank: jax.Array, *, apply_fn: Callable,
+                      norm: str, loss: str) -> APGDState:
+    fn = model_logits_fn(apply_fn, params, batch_stats)
+    y_target = target_class(fn(x), rank) if loss == "dlr_targeted" else None
+    return apgd_init(fn, x, y, eps, rng=_device_key(key), norm=norm, loss=loss,
+                     y_target=y_target)
+
+
+def _apgd_step_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
+                      state: APGDState, eps: jax.Array, k: jax.Array, *, apply_fn: Callable,
+                      norm: str, num_steps: int, loss: str, rho: float) -> APGDState:
+    return apgd_step(model_logits_fn(apply_fn, params, batch_stats), state, x, y, eps, k,
+                     num_steps=num_steps, norm=norm, loss=loss, rho=rho)
+
+
+def _apgd_final_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
+                       state: APGDState, eps: jax.Array, *, apply_fn: Callable, norm: str
+                       ) -> jax.Array:
+    return _fooled(model_logits_fn(apply_fn, params, batch_stats), apgd_result(state).x_adv,
+                   x, y, eps, norm)
 
 
 def _fab_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
-                eps: jax.Array, key: jax.Array, rank: jax.Array, *, apply_fn: Callable,
-                norm: str, num_steps: int, alpha_max: float, eta: float, beta: float,
-                unroll: int) -> jax.Array:
-    del key
+                eps: jax.Array, rank: jax.Array, *, apply_fn: Callable, norm: str,
+                num_steps: int, alpha_max: float, eta: float, beta: float) -> jax.Array:
     fn = model_logits_fn(apply_fn, params, batch_stats)
     result = fab_targeted(fn, x, y, target_rank=rank, num_steps=num_steps, norm=norm,
-                          alpha_max=alpha_max, eta=eta, beta=beta, unroll=unroll)
+                          alpha_max=alpha_max, eta=eta, beta=beta)
     return _fooled(fn, result.x_adv, x, y, eps, norm)
+
+
+def _fab_init_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, rank: jax.Array, *,
+                     apply_fn: Callable) -> FABState:
+    return fab_init(model_logits_fn(apply_fn, params, batch_stats), x, target_rank=rank)
+
+
+def _fab_step_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
+                     state: FABState, *, apply_fn: Callable, norm: str, alpha_max: float,
+                     eta: float, beta: float) -> FABState:
+    return fab_step(model_logits_fn(apply_fn, params, batch_stats), state, x, y, norm=norm,
+                    alpha_max=alpha_max, eta=eta, beta=beta)
+
+
+def _fab_final_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
+                      state: FABState, eps: jax.Array, *, apply_fn: Callable, norm: str
+                      ) -> jax.Array:
+    fn = model_logits_fn(apply_fn, params, batch_stats)
+    return _fooled(fn, fab_finish(fn, state, x, y, norm=norm).x_adv, x, y, eps, norm)
 
 
 def _square_init_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
                         eps: jax.Array, key: jax.Array, *, apply_fn: Callable, norm: str
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    fn = model_logits_fn(apply_fn, params, batch_stats)
-    state = square_init(fn, x, y, eps, rng=_device_key(key), norm=norm)
-    return state.x_best, state.margin, _fooled(fn, state.x_best, x, y, eps, norm)
+                        ) -> SquareState:
+    return square_init(model_logits_fn(apply_fn, params, batch_stats), x, y, eps,
+                       rng=_device_key(key), norm=norm)
 
 
 def _square_steps_kernel(params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array,
-                         x_best: jax.Array, margin_best: jax.Array, eps: jax.Array,
-                         key: jax.Array, start: jax.Array, *, apply_fn: Callable, norm: str,
-                         num_iters: int, num_queries: int, p_init: float
-                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    fn = model_logits_fn(apply_fn, params, batch_stats)
-    state = square_steps(fn, SquareState(x_best, margin_best), x, y, eps, rng=_device_key(key),
-                         start=start, num_iters=num_iters, num_queries=num_queries, norm=norm,
-                         p_init=p_init)
-    return state.x_best, state.margin, _fooled(fn, state.x_best, x, y, eps, norm)
+                         state: SquareState, eps: jax.Array, key: jax.Array, start: jax.Array,
+                         *, apply_fn: Callable, norm: str, num_iters: int, num_queries: int,
+                         p_init: float, unrolled: bool) -> SquareState:
+    return square_steps(model_logits_fn(apply_fn, params, batch_stats), state, x, y, eps,
+                        rng=_device_key(key), start=start, num_iters=num_iters,
+                        num_queries=num_queries, norm=norm, p_init=p_init, unrolled=unrolled)
 
 
-# Per kernel: how many leading arguments after (params, batch_stats) are per-example arrays
-# (split over devices); the rest are broadcast.
-_PER_EXAMPLE_ARGS = {_clean_kernel: 2, _apgd_kernel: 2, _fab_kernel: 2,
-                     _square_init_kernel: 2, _square_steps_kernel: 4}
+# Per kernel: how many arguments after (params, batch_stats) are per-example (split over
+# the devices); the rest are broadcast.
+_PER_EXAMPLE_ARGS = {_clean_kernel: 2, _verify_kernel: 3, _apgd_kernel: 2,
+                     _apgd_init_kernel: 2, _apgd_step_kernel: 3, _apgd_final_kernel: 3,
+                     _fab_kernel: 2, _fab_init_kernel: 1, _fab_step_kernel: 3,
+                     _fab_final_kernel: 3, _square_init_kernel: 2, _square_steps_kernel: 3}
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)
 def _pmapped(kernel: Callable, apply_fn: Callable, devices: tuple, static: tuple) -> Callable:
     """``kernel`` pmapped over ``devices`` (cached, so every bucket size and budget of one
     model reuses the compilations)."""
@@ -706,17 +827,14 @@ def _pmapped(kernel: Callable, apply_fn: Callable, devices: tuple, static: tuple
 
 def bucket_size(n: int, num_devices: int, max_batch: int) -> int:
     """The padded batch for ``n <= max_batch`` examples: ``num_devices`` times the smallest
-    of 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5 times them) that holds
-    ``ceil(n / num_devices)``, at most ``max_batch`` (a multiple of ``num_devices``)."""
+    of 8, 16, 32, ... that holds ``ceil(n / num_devices)``, at most ``max_batch`` (a multiple
+    of ``num_devices``).  Few sizes keep the compilations few."""
     per_device, cap = -(-n // num_devices), max_batch // num_devices
-    size = 8
-    while size < per_device:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    return min(size, cap) * num_devices
+    return min(8 << max(0, (per_device - 1) // 8).bit_length(), cap) * num_devices
 
 
 class _Runner:
-    """Runs pmapped kernels over sets of examples in padded buckets (host side)."""
+    """Pads sets of examples to buckets and calls pmapped kernels on them (host side)."""
 
     def __init__(self, apply_fn: Callable, params: PyTree, batch_stats: PyTree,
                  devices: Sequence[jax.Device], max_batch: int) -> None:
@@ -725,76 +843,130 @@ class _Runner:
         n_dev = len(self.devices)
         self.max_batch = max(n_dev, max_batch // n_dev * n_dev)
 
-    def __call__(self, kernel: Callable, static: dict, per_example: Sequence[np.ndarray],
-                 broadcast: Sequence[Any]) -> list[np.ndarray]:
-        fn = _pmapped(kernel, self.apply_fn, self.devices, tuple(sorted(static.items())))
-        n_dev, n = len(self.devices), len(per_example[0])
-        outputs: list[list[np.ndarray]] = []
+    def batches(self, arrays: Sequence[np.ndarray]) -> list[tuple[list[np.ndarray], int]]:
+        """``arrays`` (same length) in chunks of at most ``max_batch``, each padded to its
+        bucket and shaped ``[devices, per_device, ...]``; with the number of real rows."""
+        n_dev, n = len(self.devices), len(arrays[0])
+        out = []
         for start in range(0, n, self.max_batch):
-            chunk = [a[start:start + self.max_batch] for a in per_example]
-            m = len(chunk[0])
+            m = min(self.max_batch, n - start)
             size = bucket_size(m, n_dev, self.max_batch)
-            pad = np.concatenate([np.arange(m), np.zeros(size - m, np.int64)])
-            args = [a[pad].reshape((n_dev, size // n_dev) + a.shape[1:]) for a in chunk]
-            out = fn(self.params, self.batch_stats, *args, *broadcast)
-            out = out if isinstance(out, tuple) else (out,)
-            outputs.append([np.asarray(o).reshape((size,) + o.shape[2:])[:m] for o in out])
-        if not outputs:
-            return []
-        return [np.concatenate(parts) for parts in zip(*outputs)]
+            pad = start + np.concatenate([np.arange(m), np.zeros(size - m, np.int64)])
+            out.append(([a[pad].reshape((n_dev, size // n_dev) + a.shape[1:]) for a in arrays],
+                        m))
+        return out
+
+    def __call__(self, kernel: Callable, static: dict, per_example: Sequence[Any],
+                 broadcast: Sequence[Any] = ()) -> Any:
+        fn = _pmapped(kernel, self.apply_fn, self.devices, tuple(sorted(static.items())))
+        return fn(self.params, self.batch_stats, *per_example, *broadcast)
 
 
-def _run_stage(run: _Runner, spec: dict, x: np.ndarray, y: np.ndarray, idx: np.ndarray,
-               eps: float, norm: str, key: jax.Array, num_classes: int, unroll: int,
-               square_chunk: int) -> np.ndarray:
-    """Indices (into ``x``) of the examples among ``idx`` that the attack ``spec`` fools."""
-    fooled = np.zeros(len(idx), bool)
-    name = spec["name"]
-    if name in ("apgd-ce", "apgd-t", "fab-t"):
-        if name == "apgd-ce":
-            runs = [(r, 0) for r in range(spec["restarts"])]
+def _unpad(tree: Any, m: int) -> Any:
+    """Host copies of a pmapped output ``[devices, per_device, ...]``, first ``m`` rows."""
+    return jax.tree.map(lambda a: np.asarray(a).reshape((-1,) + a.shape[2:])[:m], tree)
+
+
+def _gradient_attack(run: _Runner, spec: dict, x: np.ndarray, y: np.ndarray, eps: float,
+                     norm: str, key: jax.Array, rank: int, host_loop: bool) -> np.ndarray:
+    """Whether one run of APGD (CE or targeted DLR towards ``rank``) or FAB-T fools each
+    example of ``x``, ``[N]`` bool."""
+    eps32, rank32 = np.float32(eps), np.int32(rank)
+    fab = spec["name"] == "fab-t"
+    steps = spec["num_steps"]
+    if fab:
+        step_static = {"norm": norm, **{k: spec[k] for k in ("alpha_max", "eta", "beta")}}
+    else:
+        step_static = {"norm": norm, "num_steps": steps, "loss": spec["loss"],
+                       "rho": spec["rho"]}
+    hits = []
+    for b, (args, m) in enumerate(run.batches([x, y])):
+        key_b = jax.random.fold_in(key, b)
+        if not host_loop:
+            if fab:
+                hit = run(_fab_kernel, dict(step_static, num_steps=steps), args,
+                          [eps32, rank32])
+            else:
+                hit = run(_apgd_kernel, step_static, args, [eps32, key_b, rank32])
+        elif fab:
+            state = run(_fab_init_kernel, {}, args[:1], [rank32])
+            for _ in range(steps):
+                state = run(_fab_step_kernel, step_static, [*args, state])
+            hit = run(_fab_final_kernel, {"norm": norm}, [*args, state], [eps32])
         else:
-            runs = [(t, t + 2) for t in range(min(spec["num_targets"], num_classes - 1))]
-        if name == "fab-t":
-            kernel = _fab_kernel
-            static = {"norm": norm, "num_steps": spec["num_steps"], "unroll": unroll,
-                      **{k: spec[k] for k in ("alpha_max", "eta", "beta")}}
-        else:
-            kernel = _apgd_kernel
-            static = {"norm": norm, "num_steps": spec["num_steps"], "loss": spec["loss"],
-                      "rho": spec["rho"], "unroll": unroll}
-        for i, rank in runs:
-            left = np.flatnonzero(~fooled)
-            if not len(left):
-                break
-            sub = idx[left]
-            (hit,) = run(kernel, static, [x[sub], y[sub]],
-                         [np.float32(eps), jax.random.fold_in(key, i), np.int32(rank)])
-            fooled[left[hit]] = True
-        return idx[fooled]
-    if name != "square":
-        raise ValueError(f"unknown attack {name!r}")
-    if not len(idx):
-        return idx
-    key_init, key_steps = jax.random.split(key)
-    x_best, margin_best, hit = run(_square_init_kernel, {"norm": norm}, [x[idx], y[idx]],
-                                   [np.float32(eps), key_init])
-    fooled |= hit
+            state = run(_apgd_init_kernel, {"norm": norm, "loss": spec["loss"]}, args,
+                        [eps32, key_b, rank32])
+            for k in range(steps):
+                state = run(_apgd_step_kernel, step_static, [*args, state],
+                            [eps32, np.int32(k)])
+            hit = run(_apgd_final_kernel, {"norm": norm}, [*args, state], [eps32])
+        hits.append(_unpad(hit, m))
+    return np.concatenate(hits)
+
+
+def _square_attack(run: _Runner, spec: dict, x: np.ndarray, y: np.ndarray, eps: float,
+                   norm: str, key: jax.Array, chunk: int, host_loop: bool) -> np.ndarray:
+    """Whether Square fools each example of ``x``, ``[N]`` bool; the examples not yet
+    fooled are compacted every ``chunk`` queries."""
+    eps32 = np.float32(eps)
     queries = spec["num_queries"]
-    static = {"norm": norm, "num_iters": min(square_chunk, queries), "num_queries": queries,
-              "p_init": spec["p_init"]}
-    for start in range(0, queries, static["num_iters"]):
+    key_init, key_steps = jax.random.split(key)
+    parts = [_unpad(run(_square_init_kernel, {"norm": norm}, args,
+                        [eps32, jax.random.fold_in(key_init, b)]), m)
+             for b, (args, m) in enumerate(run.batches([x, y]))]
+    x_best = np.concatenate([p.x_best for p in parts])
+    margins = np.concatenate([p.margin for p in parts])
+    fooled = margins <= 0
+    static = {"norm": norm, "num_queries": queries, "p_init": spec["p_init"]}
+    for start in range(0, queries, chunk):
         left = np.flatnonzero(~fooled)
         if not len(left):
             break
-        if start + static["num_iters"] > queries:  # a shorter last chunk
-            static = dict(static, num_iters=queries - start)
+        length = min(chunk, queries - start)
+        for b, (args, m) in enumerate(run.batches([x[left], y[left], x_best[left],
+                                                   margins[left]])):
+            key_b = jax.random.fold_in(jax.random.fold_in(key_steps, start), b)
+            state = SquareState(args[2], args[3])
+            if host_loop:
+                for i in range(start, start + length):
+                    state = run(_square_steps_kernel, dict(static, num_iters=1, unrolled=True),
+                                [*args[:2], state], [eps32, key_b, np.int32(i)])
+            else:
+                state = run(_square_steps_kernel, dict(static, num_iters=length,
+                                                       unrolled=False),
+                            [*args[:2], state], [eps32, key_b, np.int32(start)])
+            hit = run(_verify_kernel, {"norm": norm}, [*args[:2], state.x_best], [eps32])
+            rows = left[b * run.max_batch:b * run.max_batch + m]
+            state, hit = _unpad((state, hit), m)
+            x_best[rows], margins[rows] = state.x_best, state.margin
+            fooled[rows] |= hit
+    return fooled
+
+
+def _run_stage(run: _Runner, spec: dict, x: np.ndarray, y: np.ndarray, idx: np.ndarray,
+               eps: float, norm: str, key: jax.Array, num_classes: int, host_loop: bool,
+               square_chunk: int) -> np.ndarray:
+    """Indices (into ``x``) of the examples among ``idx`` that the attack ``spec`` fools."""
+    name = spec["name"]
+    if name == "square":
+        if not len(idx):
+            return idx
+        return idx[_square_attack(run, spec, x[idx], y[idx], eps, norm, key, square_chunk,
+                                  host_loop)]
+    if name == "apgd-ce":
+        runs = [(r, 0) for r in range(spec["restarts"])]
+    elif name in ("apgd-t", "fab-t"):
+        runs = [(t, t + 2) for t in range(min(spec["num_targets"], num_classes - 1))]
+    else:
+        raise ValueError(f"unknown attack {name!r}")
+    fooled = np.zeros(len(idx), bool)
+    for i, rank in runs:  # restarts or targets, each on the examples not yet fooled
+        left = np.flatnonzero(~fooled)
+        if not len(left):
+            break
         sub = idx[left]
-        xb, mb, hit = run(_square_steps_kernel, static,
-                          [x[sub], y[sub], x_best[left], margin_best[left]],
-                          [np.float32(eps), key_steps, np.int32(start)])
-        x_best[left], margin_best[left] = xb, mb
-        fooled[left[hit]] = True
+        fooled[left] = _gradient_attack(run, spec, x[sub], y[sub], eps, norm,
+                                        jax.random.fold_in(key, i), rank, host_loop)
     return idx[fooled]
 
 
@@ -803,7 +975,7 @@ def autoattack(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: 
                version: str = "standard", double: bool = False,
                only: Sequence[str] | None = None, seed: int = 0,
                devices: Sequence[jax.Device] | None = None, batch_size: int = 512,
-               unroll: int = 1, square_chunk: int = 500,
+               loop: str = "auto", square_chunk: int = 500,
                log: Callable[[str], None] | None = None) -> dict:
     """Robust accuracy under the AutoAttack cascade of ``version``; a RobustBench-style record.
 
@@ -827,23 +999,31 @@ def autoattack(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: 
       seed: seeds the random starts and Square's proposals.
       devices: the devices the batch is split over (default: all local devices).
       batch_size: largest global batch of one call.
-      unroll: loop iterations unrolled per trip in APGD and FAB.
+      loop: ``"host"``: the host drives the iterations, one pmapped call per iteration;
+        ``"device"``: each attack run is one pmapped call with a ``lax.scan``; ``"auto"``:
+        host on CPU (where XLA runs convolution gradients in loops about 2x slower),
+        device elsewhere.
       square_chunk: Square queries between compactions.
       log: called with one line per stage.
 
     Returns:
       A JSON-able dict: ``threat_model`` ("Linf" / "L2"), ``norm``, ``eps``,
-      ``num_examples``, ``version``, ``double``, ``seed``, ``num_devices``, ``attacks`` (the
-      plan: every attack with its parameters), ``clean_accuracy``, ``stages`` (per attack:
-      ``attack``, ``num_attacked``, ``robust_accuracy`` after it, ``seconds``),
+      ``num_examples``, ``version``, ``double``, ``seed``, ``num_devices``, ``loop``,
+      ``attacks`` (the plan: every attack with its parameters), ``clean_accuracy``,
+      ``stages`` (per attack: ``attack``, ``num_attacked``, ``robust_accuracy`` after it,
+      ``seconds``),
       ``robust_accuracy_after`` (attack -> robust accuracy after that stage),
       ``robust_accuracy`` (the final worst case), ``seconds`` (per attack, ``clean`` and
       ``total``) and ``robust`` (per example, robust to every attack; a list of bools).
     """
     attacks.check_norm(norm)
     plan = attack_plan(version, double=double, only=only)
+    names = [spec["name"] for spec in VERSIONS[version]]
     t_start = time.perf_counter()
     devices = list(devices or jax.local_devices())
+    if loop not in ("auto", "host", "device"):
+        raise ValueError(f"loop must be 'auto', 'host' or 'device', got {loop!r}")
+    host_loop = loop == "host" or (loop == "auto" and devices[0].platform == "cpu")
     x = np.asarray(images)
     x = data_lib.to_float(x) if x.dtype == np.uint8 else x.astype(np.float32)
     y = np.asarray(labels).astype(np.int32)
@@ -856,16 +1036,19 @@ def autoattack(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: 
                                      ).shape[-1])
     if any(spec["name"] == "apgd-t" for spec in plan) and num_classes < 4:
         raise ValueError(f"APGD-T's targeted DLR loss needs >= 4 classes, got {num_classes}")
-    (robust,) = run(_clean_kernel, {}, [x, y], [])
+    robust = np.concatenate([_unpad(run(_clean_kernel, {}, args), m)
+                             for args, m in run.batches([x, y])])
     clean = float(robust.mean())
     seconds = {"clean": time.perf_counter() - t_start}
     stages = []
     key = jax.random.PRNGKey(seed)
-    for i, spec in enumerate(plan):
+    for spec in plan:
         t0 = time.perf_counter()
         idx = np.flatnonzero(robust)
-        robust[_run_stage(run, spec, x, y, idx, eps, norm, jax.random.fold_in(key, i),
-                          num_classes, unroll, square_chunk)] = False
+        # Keys follow the attack's place in the version, so `only` runs draw the same.
+        stage_key = jax.random.fold_in(key, names.index(spec["name"]))
+        robust[_run_stage(run, spec, x, y, idx, eps, norm, stage_key, num_classes,
+                          host_loop, square_chunk)] = False
         seconds[spec["name"]] = time.perf_counter() - t0
         stages.append({"attack": spec["name"], "num_attacked": int(len(idx)),
                        "robust_accuracy": float(robust.mean()),
@@ -883,6 +1066,7 @@ def autoattack(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: 
         "double": bool(double),
         "seed": int(seed),
         "num_devices": len(devices),
+        "loop": "host" if host_loop else "device",
         "attacks": plan,
         "clean_accuracy": clean,
         "stages": stages,
