@@ -285,7 +285,7 @@ def _independent_pgd(apply_fn, params, x, y, eps, steps=50, restarts=5, seed=0):
                                       length=steps)
         return fooled
 
-    fooled = np.asarray(jnp.argmax(fn(x), -1) != y)
+    fooled = np.array(jnp.argmax(fn(x), -1) != y)
     for r in range(restarts):
         fooled |= np.asarray(one(jax.random.key(seed + r)))
     return ~fooled
