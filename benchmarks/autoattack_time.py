@@ -1,8 +1,8 @@
 """Wall-clock time of the AutoAttack cascade per attack, on the default digits model.
 
     python -m benchmarks.autoattack_time [--workdir DIR] [--epochs N] [--budgets 0.1,0.2]
-        [--norm linf|l2] [--version standard|quick] [--loop auto|host|device] [--square-chunk N]
-        [--json FILE]
+        [--norm linf|l2] [--version standard|quick] [--loop auto|host|device]
+        [--square-chunk N] [--sanity] [--json FILE]
 
 With ``--workdir`` of an existing run (``metrics.json`` and a checkpoint) its model is
 attacked; otherwise the default configuration (``anp_jax/configs/default.py``, with
@@ -11,8 +11,11 @@ attacked; otherwise the default configuration (``anp_jax/configs/default.py``, w
 :func:`anp_jax.evaluation.autoattack.autoattack` on the test split, one budget after the
 other in one process, so the first one pays the compilations and the later ones reuse them.
 Prints one table row per (budget, attack): examples attacked, robust accuracy after the
-attack, seconds; then the total.  ``--json`` writes the records, the timings and the
-machine (CPU count, load average, devices).
+attack, seconds; then the total, in wall-clock time and in CPU time of the process (on a
+shared machine the CPU time is the steadier measure).  ``--sanity`` then also runs
+:func:`anp_jax.evaluation.autoattack.sanity_runs` per budget (twice the iterations, Square
+alone, APGD-T alone; not timed in the total) and prints the checks.  ``--json`` writes the
+records, the timings, the checks and the machine (CPU count, load average, devices).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="who drives the attack iterations (see autoattack())")
     parser.add_argument("--square-chunk", type=int, default=500,
                         help="Square queries between compactions")
+    parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)
 
@@ -74,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         run, images, labels = _model(args.workdir or tmp, args.epochs)
     variables = run.variables
     load_before = os.getloadavg()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     records = []
     for eps in budgets:
         records.append(autoattack.autoattack(
             run.model.apply, variables["params"], variables.get("batch_stats", {}), images,
             labels, eps=eps, norm=args.norm, version=args.version, loop=args.loop,
             square_chunk=args.square_chunk, log=lambda m: print(m, file=sys.stderr)))
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     print(f"{'budget':>8} {'attack':>8} {'attacked':>9} {'robust':>7} {'seconds':>8}")
     for record in records:
         print(f"{record['eps']:>8g} {'clean':>8} {record['num_examples']:>9} "
@@ -89,15 +93,31 @@ def main(argv: list[str] | None = None) -> int:
         for stage in record["stages"]:
             print(f"{record['eps']:>8g} {stage['attack']:>8} {stage['num_attacked']:>9} "
                   f"{stage['robust_accuracy']:>7.4f} {stage['seconds']:>8.1f}")
-    print(f"total {total:.1f} s for {len(budgets)} budgets ({args.version}, {args.norm}); "
-          f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs")
+    print(f"total {total:.1f} s wall-clock, {cpu:.1f} s CPU time of this process, for "
+          f"{len(budgets)} budgets ({args.version}, {args.norm}); load average before "
+          f"{load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    checks = {}
+    if args.sanity:
+        for record in records:
+            runs = autoattack.sanity_runs(
+                run.model.apply, variables["params"], variables.get("batch_stats", {}),
+                images, labels, eps=record["eps"], norm=args.norm, version=args.version,
+                loop=args.loop, square_chunk=args.square_chunk)
+            found, warnings = autoattack.sanity_checks(record, runs)
+            checks[f"{record['eps']:g}"] = {"checks": found, "warnings": warnings,
+                                            "robust_accuracy": {k: r["robust_accuracy"]
+                                                                for k, r in runs.items()}}
+            for check in found:
+                print(f"{'ok  ' if check['passed'] else 'FAIL'} {check['name']}: "
+                      f"{check['detail']}")
     if args.json:
-        out = {"total_seconds": total, "version": args.version, "norm": args.norm,
-               "budgets": budgets, "loop": args.loop, "square_chunk": args.square_chunk,
+        out = {"total_seconds": total, "cpu_seconds": cpu, "version": args.version,
+               "norm": args.norm, "budgets": budgets, "loop": args.loop,
+               "square_chunk": args.square_chunk,
                "workdir": args.workdir, "cpu_count": os.cpu_count(),
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
-               "devices": [str(d) for d in jax.local_devices()], "records": records}
+               "devices": [str(d) for d in jax.local_devices()], "records": records,
+               "sanity": checks}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
