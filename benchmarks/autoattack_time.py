@@ -2,7 +2,7 @@
 
     python -m benchmarks.autoattack_time [--workdir DIR] [--epochs N] [--budgets 0.1,0.2]
         [--norm linf|l2] [--version standard|quick] [--loop auto|host|device]
-        [--square-chunk N] [--sanity] [--json FILE]
+        [--square-chunk N] [--cpu-devices N] [--sanity] [--json FILE]
 
 With ``--workdir`` of an existing run (``metrics.json`` and a checkpoint) its model is
 attacked; otherwise the default configuration (``anp_jax/configs/default.py``, with
@@ -10,6 +10,9 @@ attacked; otherwise the default configuration (``anp_jax/configs/default.py``, w
 ``--workdir`` (or a temporary directory).  Each budget runs the whole cascade of
 :func:`anp_jax.evaluation.autoattack.autoattack` on the test split, one budget after the
 other in one process, so the first one pays the compilations and the later ones reuse them.
+On CPU, ``--cpu-devices`` (default: the number of CPUs) splits the host into that many XLA
+devices, so that the pmapped attacks run one thread per core (a single XLA:CPU device runs
+these small convolutions on one thread).
 Prints one table row per (budget, attack): examples attacked, robust accuracy after the
 attack, seconds; then the total, in wall-clock time and in CPU time of the process (on a
 shared machine the CPU time is the steadier measure).  ``--sanity`` then also runs
@@ -39,6 +42,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="who drives the attack iterations (see autoattack())")
     parser.add_argument("--square-chunk", type=int, default=500,
                         help="Square queries between compactions")
+    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1,
+                        help="XLA host devices on CPU (0: leave XLA_FLAGS alone)")
     parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)
@@ -64,6 +69,9 @@ def _model(workdir: str, epochs: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.cpu_devices > 0:  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                   f"platform_device_count={args.cpu_devices}").strip()
     import jax
 
     from anp_jax.evaluation import autoattack
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = {"total_seconds": total, "cpu_seconds": cpu, "version": args.version,
                "norm": args.norm, "budgets": budgets, "loop": args.loop,
-               "square_chunk": args.square_chunk,
+               "square_chunk": args.square_chunk, "cpu_devices": args.cpu_devices,
                "workdir": args.workdir, "cpu_count": os.cpu_count(),
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
                "devices": [str(d) for d in jax.local_devices()], "records": records,
