@@ -28,11 +28,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from anp_jax.noise import _TINY, per_example_norm
@@ -43,15 +41,14 @@ Scalar = float | jax.Array
 
 NORMS = ("linf", "l2")
 
-_APGD_MOMENTUM = 0.75
 
 
-def _check_norm(norm: str) -> None:
+def check_norm(norm: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-def _per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
+def per_example(mask: jax.Array, like: jax.Array) -> jax.Array:
     """Reshapes a per-example array ``[B]`` to broadcast against ``like`` ``[B, ...]``."""
     return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
 
@@ -72,7 +69,7 @@ def _loss_and_grad(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> tuple[jax
     return losses, grad
 
 
-def _ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
+def ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
     """Steepest-ascent direction of unit ``norm``: ``sign(g)`` (linf) or ``g / ||g||_2`` (l2)."""
     if norm == "linf":
         return jnp.sign(grad)
@@ -93,7 +90,7 @@ def project(x_adv: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Array
     return jnp.clip(x + delta, 0.0, 1.0)
 
 
-def _random_start(key: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Array:
+def uniform_start(key: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.Array:
     """A point drawn uniformly from the ``eps``-ball around ``x``, clipped to ``[0, 1]``."""
     if norm == "linf":
         delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
@@ -102,7 +99,7 @@ def _random_start(key: jax.Array, x: jax.Array, eps: Scalar, norm: str) -> jax.A
         direction = jax.random.normal(key_direction, x.shape, x.dtype)
         dim = math.prod(x.shape[1:])
         u = jax.random.uniform(key_radius, (x.shape[0],), x.dtype)
-        radius = _per_example(eps * u ** (1.0 / dim), x)
+        radius = per_example(eps * u ** (1.0 / dim), x)
         delta = radius * direction / (per_example_norm(direction) + _TINY)
     return project(x + delta, x, eps, norm)
 
@@ -127,9 +124,9 @@ def fgsm(
     Returns:
       Adversarial images ``[B, H, W, C]`` in ``[0, 1]`` and in the ``eps``-ball around ``x``.
     """
-    _check_norm(norm)
+    check_norm(norm)
     _, grad = _loss_and_grad(logits_fn, x, y)
-    return project(x + eps * _ascent_direction(grad, norm), x, eps, norm)
+    return project(x + eps * ascent_direction(grad, norm), x, eps, norm)
 
 
 def step_ll(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar) -> jax.Array:
@@ -190,17 +187,17 @@ def pgd(
     Returns:
       Adversarial images ``[B, H, W, C]`` in ``[0, 1]`` and in the ``eps``-ball around ``x``.
     """
-    _check_norm(norm)
+    check_norm(norm)
     if num_steps < 1 or restarts < 1:
         raise ValueError(f"num_steps and restarts must be >= 1, got {num_steps}, {restarts}")
     alpha = 2.5 * eps / num_steps if step_size is None else step_size
 
     def step(_: jax.Array, x_adv: jax.Array) -> jax.Array:
         _, grad = _loss_and_grad(logits_fn, x_adv, y)
-        return project(x_adv + alpha * _ascent_direction(grad, norm), x, eps, norm)
+        return project(x_adv + alpha * ascent_direction(grad, norm), x, eps, norm)
 
     def run(key: jax.Array) -> jax.Array:
-        x_adv = _random_start(key, x, eps, norm) if random_start else x
+        x_adv = uniform_start(key, x, eps, norm) if random_start else x
         return jax.lax.fori_loop(0, num_steps, step, x_adv)
 
     if restarts == 1:
@@ -216,7 +213,7 @@ def pgd(
         fooled_new = jnp.argmax(logits, axis=-1) != y
         take = ~fooled_best & (fooled_new | (loss_new > loss_best))
         carry = (
-            jnp.where(_per_example(take, x), x_new, x_best),
+            jnp.where(per_example(take, x), x_new, x_best),
             jnp.where(take, loss_new, loss_best),
             fooled_best | fooled_new,
         )
@@ -270,35 +267,6 @@ def mi_fgsm(
     return x_adv
 
 
-def _apgd_checkpoints(num_steps: int) -> list[int]:
-    """APGD checkpoints ``w_j = ceil(p_j * num_steps)`` with ``0 < w_j < num_steps``.
-
-    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``; duplicates
-    (possible for small ``num_steps``) are merged.
-    """
-    checkpoints = set()
-    p_prev, p = 0.0, 0.22
-    while p < 1.0:
-        # Rounding guards against float noise such as 0.22 * 100 = 22.000000000000004.
-        checkpoints.add(math.ceil(round(p * num_steps, 6)))
-        p_prev, p = p, p + max(p - p_prev - 0.03, 0.06)
-    return sorted(w for w in checkpoints if 0 < w < num_steps)
-
-
-class _APGDState(NamedTuple):
-    x_adv: jax.Array  # current iterate x^(k), [B, H, W, C]
-    x_prev: jax.Array  # previous iterate x^(k-1), [B, H, W, C]
-    grad: jax.Array  # gradient at x_adv, [B, H, W, C]
-    loss: jax.Array  # loss at x_adv, [B]
-    step_size: jax.Array  # per-example step size eta^(k), [B]
-    x_best: jax.Array  # highest-loss point so far, [B, H, W, C]
-    grad_best: jax.Array  # gradient at x_best, [B, H, W, C]
-    loss_best: jax.Array  # loss at x_best, [B]
-    num_increases: jax.Array  # loss increases since the last checkpoint, [B] int32
-    loss_best_at_check: jax.Array  # loss_best at the last checkpoint, [B]
-    reduced_at_check: jax.Array  # whether the step size was halved at the last checkpoint, [B]
-
-
 def apgd_ce(
     logits_fn: LogitsFn,
     x: jax.Array,
@@ -310,101 +278,9 @@ def apgd_ce(
     norm: str = "linf",
     rho: float = 0.75,
 ) -> jax.Array:
-    """APGD on the cross-entropy (Croce & Hein 2020, the first attack of AutoAttack).
+    """APGD on the cross-entropy (Croce & Hein 2020): the highest-loss point of
+    :func:`anp_jax.evaluation.autoattack.apgd` (see there), ``[B, H, W, C]``."""
 
-    From a uniform random start ``x^(0)`` in the ball, each iteration takes a steepest-ascent
-    step with momentum 0.75 (none on the first iteration)::
-
-        z = P(x^(k) + eta^(k) * direction(grad f(x^(k))))
-        x^(k+1) = P(x^(k) + 0.75 * (z - x^(k)) + 0.25 * (x^(k) - x^(k-1)))
-
-    with per-example step sizes ``eta^(0) = 2 * eps``.  At every checkpoint ``w_j`` (see
-    :func:`_apgd_checkpoints`) an example halves its step size and restarts from its best
-    point (with no momentum) if (1) fewer than ``rho * (w_j - w_{j-1})`` of its iterations since
-    ``w_{j-1}`` increased the loss, or (2) its step size was not halved at ``w_{j-1}`` and its
-    best loss has not improved since.
-
-    Args:
-      logits_fn: images ``[B, H, W, C]`` in ``[0, 1]`` -> logits ``[B, K]``.
-      x: clean images ``[B, H, W, C]`` in ``[0, 1]``.
-      y: integer labels ``[B]``.
-      eps: budget in pixel units.
-      rng: PRNG key for the random start.
-      num_steps: number of iterations (static, >= 1); costs ``num_steps + 1`` gradients.
-      norm: ``"linf"`` or ``"l2"`` (static).
-      rho: threshold on the fraction of loss-increasing iterations (condition 1).
-
-    Returns:
-      The highest-loss point found for each example, ``[B, H, W, C]``, in ``[0, 1]`` and in
-      the ``eps``-ball around ``x``.
-    """
-    _check_norm(norm)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    # Static tables indexed by the loop counter k: whether x^(k+1) is a checkpoint and, if so,
-    # the number of iterations since the previous checkpoint.
-    is_checkpoint = np.zeros(num_steps, bool)
-    interval = np.zeros(num_steps, np.int32)
-    previous = 0
-    for w in _apgd_checkpoints(num_steps):
-        is_checkpoint[w - 1] = True
-        interval[w - 1] = w - previous
-        previous = w
-
-    def body(k: jax.Array, s: _APGDState) -> _APGDState:
-        momentum = jnp.where(k == 0, 1.0, _APGD_MOMENTUM)
-        step = _per_example(s.step_size, x) * _ascent_direction(s.grad, norm)
-        z = project(s.x_adv + step, x, eps, norm)
-        x_new = project(
-            s.x_adv + momentum * (z - s.x_adv) + (1.0 - momentum) * (s.x_adv - s.x_prev),
-            x,
-            eps,
-            norm,
-        )
-        loss_new, grad_new = _loss_and_grad(logits_fn, x_new, y)
-        num_increases = s.num_increases + (loss_new > s.loss)
-        improved = loss_new > s.loss_best
-        improved_x = _per_example(improved, x)
-        x_best = jnp.where(improved_x, x_new, s.x_best)
-        grad_best = jnp.where(improved_x, grad_new, s.grad_best)
-        loss_best = jnp.where(improved, loss_new, s.loss_best)
-
-        at_checkpoint = jnp.asarray(is_checkpoint)[k]
-        too_few_increases = num_increases < rho * jnp.asarray(interval)[k]
-        stalled = ~s.reduced_at_check & (loss_best <= s.loss_best_at_check)
-        reduce = at_checkpoint & (too_few_increases | stalled)
-        reduce_x = _per_example(reduce, x)
-        return _APGDState(
-            x_adv=jnp.where(reduce_x, x_best, x_new),
-            x_prev=jnp.where(reduce_x, x_best, s.x_adv),
-            grad=jnp.where(reduce_x, grad_best, grad_new),
-            loss=jnp.where(reduce, loss_best, loss_new),
-            step_size=jnp.where(reduce, s.step_size / 2, s.step_size),
-            x_best=x_best,
-            grad_best=grad_best,
-            loss_best=loss_best,
-            num_increases=jnp.where(at_checkpoint, 0, num_increases),
-            loss_best_at_check=jnp.where(at_checkpoint, loss_best, s.loss_best_at_check),
-            reduced_at_check=jnp.where(at_checkpoint, reduce, s.reduced_at_check),
-        )
-
-    x0 = _random_start(rng, x, eps, norm)
-    loss0, grad0 = _loss_and_grad(logits_fn, x0, y)
-    batch = x.shape[0]
-    init = _APGDState(
-        x_adv=x0,
-        x_prev=x0,
-        grad=grad0,
-        loss=loss0,
-        step_size=2.0 * eps * jnp.ones((batch,), x.dtype),
-        x_best=x0,
-        grad_best=grad0,
-        loss_best=loss0,
-        num_increases=jnp.zeros((batch,), jnp.int32),
-        loss_best_at_check=loss0,
-        reduced_at_check=jnp.zeros((batch,), bool),
-    )
-    return jax.lax.fori_loop(0, num_steps, body, init).x_best
 
 
 ATTACKS: dict[str, Attack] = {
@@ -429,7 +305,7 @@ def attack_id(name: str, norm: str, eps: float, steps: int | None = None) -> str
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
-    _check_norm(norm)
+    check_norm(norm)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1 or None, got {steps}")
     return f"{name}{'' if steps is None else steps}_{norm}_{eps:g}"

@@ -13,6 +13,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from anp_jax import attacks
+from anp_jax.evaluation import autoattack
 
 LINF_EPS = 0.1
 L2_EPS = 0.5
@@ -252,15 +253,15 @@ def test_pgd_restarts_keep_first_fooling_or_highest_loss(model):
 
 
 def test_apgd_checkpoints():
-    assert attacks._apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert attacks._apgd_checkpoints(10) == [3, 5, 6, 7, 8, 9]
-    assert attacks._apgd_checkpoints(1) == []
+    assert autoattack.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert autoattack.apgd_checkpoints(10) == [3, 5, 6, 7, 8, 9]
+    assert autoattack.apgd_checkpoints(1) == []
 
 
 def test_apgd_one_step_returns_better_of_start_and_step(softmax_regression):
     logits_fn, _, _, x, y = softmax_regression
     eps, key = 0.05, jax.random.key(6)
-    x0 = attacks._random_start(key, x, eps, "linf")
+    x0 = attacks.uniform_start(key, x, eps, "linf")
     grad0 = jax.grad(
         lambda z: optax.losses.softmax_cross_entropy_with_integer_labels(logits_fn(z), y).sum()
     )(x0)

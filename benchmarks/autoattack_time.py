@@ -1,0 +1,135 @@
+"""Wall-clock time of the AutoAttack cascade per attack, on the default digits model.
+
+    python -m benchmarks.autoattack_time [--workdir DIR] [--epochs N] [--budgets 0.1,0.2]
+        [--norm linf|l2] [--version standard|quick] [--loop auto|host|device]
+        [--square-chunk N] [--cpu-devices N] [--sanity] [--json FILE]
+
+With ``--workdir`` of an existing run (``metrics.json`` and a checkpoint) its model is
+attacked; otherwise the default configuration (``anp_jax/configs/default.py``, with
+``--epochs`` epochs) is trained first with :func:`anp_jax.trainer.train_and_evaluate` into
+``--workdir`` (or a temporary directory).  Each budget runs the whole cascade of
+:func:`anp_jax.evaluation.autoattack.autoattack` on the test split, one budget after the
+other in one process, so the first one pays the compilations and the later ones reuse them.
+On CPU, ``--cpu-devices`` (default: the number of CPUs) splits the host into that many XLA
+devices, so that the pmapped attacks run one thread per core (a single XLA:CPU device runs
+these small convolutions on one thread).
+Prints one table row per (budget, attack): examples attacked, robust accuracy after the
+attack, seconds; then the total, in wall-clock time and in CPU time of the process (on a
+shared machine the CPU time is the steadier measure).  ``--sanity`` then also runs
+:func:`anp_jax.evaluation.autoattack.sanity_runs` per budget (twice the iterations, Square
+alone, APGD-T alone; not timed in the total) and prints the checks.  ``--json`` writes the
+records, the timings, the checks and the machine (CPU count, load average, devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="", help="a trained run, or where to train one")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs when training")
+    parser.add_argument("--budgets", default="0.1,0.2", help="comma-separated eps values")
+    parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    parser.add_argument("--version", default="standard", choices=("standard", "quick"))
+    parser.add_argument("--loop", default="auto", choices=("auto", "host", "device"),
+                        help="who drives the attack iterations (see autoattack())")
+    parser.add_argument("--square-chunk", type=int, default=500,
+                        help="Square queries between compactions")
+    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1,
+                        help="XLA host devices on CPU (0: leave XLA_FLAGS alone)")
+    parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
+    parser.add_argument("--json", default="", help="write the results here")
+    return parser.parse_args(argv)
+
+
+def _model(workdir: str, epochs: int):
+    """(run, images, labels) of ``workdir``, training the default config there if needed."""
+    from anp_jax import data as data_lib
+    from anp_jax import report, trainer
+    from anp_jax.configs import default
+
+    if not os.path.exists(os.path.join(workdir, "metrics.json")):
+        config = default.get_config()
+        config.num_epochs = epochs
+        print(f"training the default model for {epochs} epochs into {workdir}", file=sys.stderr)
+        trainer.train_and_evaluate(config, workdir, progress=False)
+    run = report.load_run(workdir)
+    dataset = run.config["dataset"]
+    images, labels = data_lib.load_split(dataset, data_lib.get_spec(dataset).test_split,
+                                         run.config.get("data_dir") or None)
+    return run, images, labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.cpu_devices > 0:  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                   f"platform_device_count={args.cpu_devices}").strip()
+    import jax
+
+    from anp_jax.evaluation import autoattack
+
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b]
+    except ValueError:
+        print(f"--budgets must be comma-separated numbers, got {args.budgets!r}",
+              file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        run, images, labels = _model(args.workdir or tmp, args.epochs)
+    variables = run.variables
+    load_before = os.getloadavg()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    records = []
+    for eps in budgets:
+        records.append(autoattack.autoattack(
+            run.model.apply, variables["params"], variables.get("batch_stats", {}), images,
+            labels, eps=eps, norm=args.norm, version=args.version, loop=args.loop,
+            square_chunk=args.square_chunk, log=lambda m: print(m, file=sys.stderr)))
+    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    print(f"{'budget':>8} {'attack':>8} {'attacked':>9} {'robust':>7} {'seconds':>8}")
+    for record in records:
+        print(f"{record['eps']:>8g} {'clean':>8} {record['num_examples']:>9} "
+              f"{record['clean_accuracy']:>7.4f} {record['seconds']['clean']:>8.1f}")
+        for stage in record["stages"]:
+            print(f"{record['eps']:>8g} {stage['attack']:>8} {stage['num_attacked']:>9} "
+                  f"{stage['robust_accuracy']:>7.4f} {stage['seconds']:>8.1f}")
+    print(f"total {total:.1f} s wall-clock, {cpu:.1f} s CPU time of this process, for "
+          f"{len(budgets)} budgets ({args.version}, {args.norm}); load average before "
+          f"{load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    checks = {}
+    if args.sanity:
+        for record in records:
+            runs = autoattack.sanity_runs(
+                run.model.apply, variables["params"], variables.get("batch_stats", {}),
+                images, labels, eps=record["eps"], norm=args.norm, version=args.version,
+                loop=args.loop, square_chunk=args.square_chunk)
+            found, warnings = autoattack.sanity_checks(record, runs)
+            checks[f"{record['eps']:g}"] = {"checks": found, "warnings": warnings,
+                                            "robust_accuracy": {k: r["robust_accuracy"]
+                                                                for k, r in runs.items()}}
+            for check in found:
+                print(f"{'ok  ' if check['passed'] else 'FAIL'} {check['name']}: "
+                      f"{check['detail']}")
+    if args.json:
+        out = {"total_seconds": total, "cpu_seconds": cpu, "version": args.version,
+               "norm": args.norm, "budgets": budgets, "loop": args.loop,
+               "square_chunk": args.square_chunk, "cpu_devices": args.cpu_devices,
+               "workdir": args.workdir, "cpu_count": os.cpu_count(),
+               "load_average_before": load_before, "load_average_after": os.getloadavg(),
+               "devices": [str(d) for d in jax.local_devices()], "records": records,
+               "sanity": checks}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
