@@ -15,8 +15,6 @@ changes.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,12 +28,6 @@ VERSIONS = {
     "standard": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000)",
     "quick": "AutoAttack quick preset (cheaper than standard; a quick look, not a result)",
 }
-
-
-def available() -> bool:
-    """Whether the AutoAttack cascade is installed in this copy of anp_jax."""
-    name = "anp_jax.evaluation.autoattack"
-    return name in sys.modules or importlib.util.find_spec(name) is not None
 
 
 class Evaluator:
