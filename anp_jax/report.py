@@ -112,8 +112,9 @@ def make_plan(dataset: str, quick: bool = False) -> Plan:
     """The grid for ``dataset``: the paper's 8/255 and 16/255 for CIFAR-10, the usual
     MNIST and ImageNet budgets, and budgets of the same relative strength for the 8x8
     digits (CIFAR-10's for another data set).  AutoAttack (standard; ``quick``: its quick
-    preset on at most 500 images) runs at the headline L-inf budget(s) of the data set (digits: 0.1 and 0.2; CIFAR-10: 8/255;
-    MNIST: 0.3; ImageNet: 4/255; ``quick``: its first L-inf budget)."""
+    preset on at most 500 images) runs at the headline L-inf budget(s) of the data set
+    (digits: 0.1 and 0.2; CIFAR-10: 8/255; MNIST: 0.3; ImageNet: 4/255; ``quick``: its first
+    L-inf budget)."""
     from anp_jax import corruptions
     family = dataset.split("/")[0].replace("_corrupted", "")
     linf, l2, curve = _BUDGETS.get(family, _BUDGETS["cifar10"])
