@@ -625,7 +625,8 @@ class _Run:
         rng = augment_lib.batch_key(self.config.seed, index)
         batch = augment_lib.augment_batch(self.augment, rng, batch, axis_name="batch")
         state, metrics = train_lib.train_step(state, batch, hp, axis_name="batch",
-                                              static_k=k, adversary=self.adversary)
+                                              static_k=k, adversary=self.adversary,
+                                              next_noise=False)
         values = jnp.stack([jnp.asarray(metrics[m], jnp.float32) for m in _STEP_METRICS])
         buffer = jax.lax.dynamic_update_slice(buffer, values[:, None],
                                               (0, index % self.buffer_len))
@@ -966,7 +967,8 @@ def time_per_batch(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     hp = {n: np.asarray(v) for n, v in hparams_at(run.scheds, warmup / run.per_epoch).items()}
     k = int(run.k_table[warmup]) if run.unroll else None
     bare = jax.jit(functools.partial(train_lib.train_step, static_k=k,
-                                     adversary=run.adversary), donate_argnums=(0,))
+                                     adversary=run.adversary, next_noise=False),
+                   donate_argnums=(0,))
     batch = jax.device_put(host_batch)
     for _ in range(warmup):
         one, _ = bare(one, batch, hp)

@@ -381,8 +381,9 @@ class JaxRunner:
         layers = _layers(method, build_model(model_name, dtype).perturbation_points())
         self.state = _state_factory(model_name, dtype, tuple(batch["image"].shape), layers,
                                     method.noise_tx)(jax.random.PRNGKey(seed))
+        # The trainer's step: no noise made after the last update (train_step's next_noise).
         fn = functools.partial(train.train_step, static_k=method.k if unroll else None,
-                               adversary=method.adversary)
+                               adversary=method.adversary, next_noise=False)
         self.unroll = unroll
         self.lowered = jax.jit(fn, donate_argnums=(0,)).lower(self.state, batch, self.hparams)
         self.compiled: Any = None

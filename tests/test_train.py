@@ -326,3 +326,33 @@ def test_step_learning_rate_drops_like_torch_steplr(offset):
             np.testing.assert_allclose(float(lr(epoch + frac)), want, rtol=1e-6)
     drops = [e for e in range(1, 120) if float(lr(e)) < float(lr(e - 1))]
     assert drops == ([29, 59, 89, 119] if offset else [30, 60, 90])
+
+
+def test_without_next_noise_the_updates_are_the_same_and_the_last_noise_is_kept(model):
+    """``next_noise=False`` (the trainer's step): the same parameters and metrics as the full
+    step over k = 3 unrolled updates, and ``state.noise`` is the noise of the third forward
+    pass, written out by hand: eps/k * (alpha * n1 + n2) with n_i the normalised gradients
+    of the first two passes."""
+    layers = ("input", "conv1", "fc1")
+    eps, alpha, k = 0.7, 0.6, 3
+    hp = {"eps": eps, "alpha": alpha, "k": k, "lr": LR}
+    batch = _batch(3)
+    state = _state(model, layers)
+    full = jax.jit(functools.partial(train.train_step, static_k=k))
+    lean = jax.jit(functools.partial(train.train_step, static_k=k, next_noise=False))
+    want_state, want_metrics = full(state, batch, hp)
+    got_state, got_metrics = lean(state, batch, hp)
+    jax.tree.map(np.testing.assert_array_equal, got_state.params, want_state.params)
+    jax.tree.map(np.testing.assert_array_equal, got_metrics, want_metrics)
+
+    params, registers = state.params, {p: 0.0 for p in layers}
+    for _ in range(k - 1):
+        noise_by_point = {p: eps / k * registers[p] for p in layers}
+        grads = {p: _grad_at_point(params, batch, noise_by_point, p) for p in layers}
+        param_grads = jax.grad(_manual_loss)(params, batch["image"], batch["label"],
+                                             noise_by_point)
+        params = jax.tree.map(lambda w, g: w - LR * g, params, param_grads)
+        registers = {p: alpha * registers[p] + _normalise(grads[p], "l2") for p in layers}
+    for p in layers:
+        np.testing.assert_allclose(got_state.noise.injection[p], eps / k * registers[p],
+                                   rtol=2e-4, atol=2e-5)

@@ -46,6 +46,7 @@ every global batch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -136,6 +137,17 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of the examples in ``epoch``: a permutation drawn from ``(seed, epoch)``.
+
+    Read-only; computed once per epoch (every batch of the epoch asks for it).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order.flags.writeable = False
+    return order
+
+
 def train_batch(images: np.ndarray, labels: np.ndarray, seed: int, index: int,
                 global_batch: int, num_devices: int, process_index: int = 0,
                 process_count: int = 1) -> dict[str, np.ndarray]:
@@ -146,7 +158,7 @@ def train_batch(images: np.ndarray, labels: np.ndarray, seed: int, index: int,
     """
     per_epoch = steps_per_epoch(len(images), global_batch)
     epoch, position = divmod(index, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(images))
+    order = epoch_order(seed, epoch, len(images))
     chosen = order[position * global_batch:(position + 1) * global_batch]
     per_process = global_batch // process_count
     chosen = chosen[process_index * per_process:(process_index + 1) * per_process]
