@@ -21,6 +21,11 @@ constant eps 1 from the start lost 6 points of clean accuracy and 8 of corruptio
 in the 1-epoch pilot of issue 13.  One seed, PGD only and no replay control: a starting
 point for the studies, not a finding.
 
+This config as it stands (seed 0, the real files): 0.869 clean, FGSM L-inf 0.05 0.643,
+PGD-10 L-inf 0.05 0.573, gaussian noise / impulse noise / motion blur / contrast at severity
+3: 0.867 / 0.867 / 0.810 / 0.768; 3,744 updates; 285 CPU-seconds for training and
+evaluation (24 minutes of wall time on the shared, loaded 2-core machine).
+
     anp-jax train --workdir=runs/fashion_lenet --config=experiments/configs/fashion_lenet.py
 """
 
