@@ -83,21 +83,30 @@ def test_unknown_model_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_resnet_points_are_convolution_outputs_before_batchnorm(name):
-    """As VGG's: every hidden point is a convolution's output that BatchNorm normalises.
-
-    Each hidden point is named after its convolution, and in training mode (batch
-    statistics) a constant added at a point before BatchNorm is removed by it: the logits do
-    not change.  At a point after BatchNorm (a block's output, the old placement) they would.
-    """
+def test_resnet_points_are_its_convolutions(name):
+    """Every hidden point of a ResNet is one of its convolutions (named after it), and every
+    convolution is a point: the stem, each block's convolutions and projection shortcuts."""
     model = _model(name)
     points = model.perturbation_points()
-    # Enough examples and pixels that every BatchNorm sees a spread (ResNet-50's last stage
-    # is 1x1 here), so that its batch statistics are accurate in float32.
-    x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(SHAPE)))
     convs = {k for k, v in variables["params"].items() if "kernel" in v and v["kernel"].ndim == 4}
     assert convs == set(points) - {"input"}
+    blocks = sum(model.stage_sizes)
+    assert len(points) == 2 + blocks * (3 if model.bottleneck else 2) + len(model.stage_sizes) \
+        - (0 if model.bottleneck else 1)  # a projection per stage, but not ResNet-18's first
+    for point in convs:  # the noise has the convolution's output channels
+        assert variables[PERTURBATIONS][point].shape[-1] == \
+            variables["params"][point]["kernel"].shape[-1]
+
+
+def test_resnet_points_come_before_batchnorm():
+    """In training mode (batch statistics) a constant added at a point before BatchNorm is
+    removed by it: the logits do not change.  At a point after BatchNorm (a block's output,
+    the old placement) or at the input they do."""
+    model = _model("resnet18")
+    points = model.perturbation_points()
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 16, 16, 3)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
     zeros = jax.tree.map(jnp.zeros_like, variables[PERTURBATIONS])
 
     @jax.jit

@@ -22,7 +22,10 @@ class ResNet(PerturbableModel):
     """ResNet; ``stem="cifar"`` (3x3 conv) or ``stem="imagenet"`` (7x7/2 conv + max-pool).
 
     Basic blocks (two 3x3 convolutions) or, with ``bottleneck``, 1x1-3x3-1x1 blocks of
-    expansion 4; a block whose shape changes has a 1x1 projection shortcut.
+    expansion 4; a block whose shape changes has a 1x1 projection shortcut.  Every BatchNorm
+    starts with scale 1, as PyTorch's (the official code's) initialisation: a residual
+    branch whose last scale started at 0 would give its last convolution a zero gradient,
+    so no noise, on the first steps.
 
     Perturbation points, shallow to deep: ``input``, ``stem``, then for block ``j`` of stage
     ``i`` (from 1) ``stage{i}_block{j}_conv1``, ``..._conv2`` (``..._conv3`` for
@@ -92,10 +95,9 @@ ConvFn = Callable[..., jnp.ndarray]
 
 def _basic_block(conv: ConvFn, norm: Callable[..., nn.Module], name: str, x: jnp.ndarray,
                  filters: int, strides: int) -> jnp.ndarray:
-    """The residual branch of a basic block: two 3x3 convolutions (the last BatchNorm's
-    scale starts at zero, so each block starts as the identity)."""
+    """The residual branch of a basic block: two 3x3 convolutions."""
     y = nn.relu(norm()(conv(f"{name}_conv1", x, filters, 3, strides)))
-    return norm(scale_init=nn.initializers.zeros)(conv(f"{name}_conv2", y, filters, 3))
+    return norm()(conv(f"{name}_conv2", y, filters, 3))
 
 
 def _bottleneck(conv: ConvFn, norm: Callable[..., nn.Module], name: str, x: jnp.ndarray,
@@ -103,4 +105,4 @@ def _bottleneck(conv: ConvFn, norm: Callable[..., nn.Module], name: str, x: jnp.
     """The residual branch of a bottleneck block: 1x1, 3x3 (with the stride), 1x1 x4."""
     y = nn.relu(norm()(conv(f"{name}_conv1", x, filters, 1)))
     y = nn.relu(norm()(conv(f"{name}_conv2", y, filters, 3, strides)))
-    return norm(scale_init=nn.initializers.zeros)(conv(f"{name}_conv3", y, 4 * filters, 1))
+    return norm()(conv(f"{name}_conv3", y, 4 * filters, 1))
