@@ -52,7 +52,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _model(workdir: str, epochs: int):
     """(run, images, labels) of ``workdir``, training the default config there if needed."""
     from anp_jax import data as data_lib
-    from anp_jax import report, trainer
+    from anp_jax import load_run, trainer
     from anp_jax.configs import default
 
     if not os.path.exists(os.path.join(workdir, "metrics.json")):
@@ -60,7 +60,7 @@ def _model(workdir: str, epochs: int):
         config.num_epochs = epochs
         print(f"training the default model for {epochs} epochs into {workdir}", file=sys.stderr)
         trainer.train_and_evaluate(config, workdir, progress=False)
-    run = report.load_run(workdir)
+    run = load_run(workdir)
     dataset = run.config["dataset"]
     images, labels = data_lib.load_split(dataset, data_lib.get_spec(dataset).test_split,
                                          run.config.get("data_dir") or None)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for eps in budgets:
         records.append(autoattack.autoattack(
-            run.model.apply, variables["params"], variables.get("batch_stats", {}), images,
+            run.module.apply, variables["params"], variables.get("batch_stats", {}), images,
             labels, eps=eps, norm=args.norm, version=args.version, loop=args.loop,
             square_chunk=args.square_chunk, log=lambda m: print(m, file=sys.stderr)))
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sanity:
         for record in records:
             runs = autoattack.sanity_runs(
-                run.model.apply, variables["params"], variables.get("batch_stats", {}),
+                run.module.apply, variables["params"], variables.get("batch_stats", {}),
                 images, labels, eps=record["eps"], norm=args.norm, version=args.version,
                 loop=args.loop, square_chunk=args.square_chunk)
             found, warnings = autoattack.sanity_checks(record, runs)

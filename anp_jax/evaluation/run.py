@@ -67,6 +67,7 @@ def read_config(workdir: str) -> tuple[dict, dict]:
             config = io_lib.read_json(path)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise RunError(f"{path} is not readable JSON: {err}") from None
+        config.pop("num_processes", None)  # recorded beside the config fields, not one
         metrics_path = os.path.join(workdir, METRICS_FILE)
         metrics = read_metrics(workdir) if os.path.isfile(metrics_path) else {}
         return config, metrics

@@ -48,8 +48,9 @@ class PerturbableModel(nn.Module):
         the ``ACTIVATIONS`` collection is mutable, ``value`` itself (before the noise) is
         sown there under ``name`` (not at ``init``).
         """
-        if not self.is_initializing():
-            self.sow(ACTIVATIONS, name, value, init_fn=lambda: None, reduce_fn=lambda _, v: v)
+        if not self.is_initializing() and self.is_mutable_collection(ACTIVATIONS):
+            # Written directly, not sown: a submodule may share the point's name.
+            self.put_variable(ACTIVATIONS, name, value)
         if self.is_mutable_collection(collection) and not self.has_variable(collection, name):
             self.put_variable(collection, name, jnp.zeros_like(value))
         if self.has_variable(collection, name):
