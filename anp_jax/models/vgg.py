@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from anp_jax.models.layers import PerturbableModel, first_layer_conv, max_pool
+from anp_jax.models.layers import PerturbableModel, first_layer_conv
 
 # Channels of each convolution; "M" is a 2x2 max-pool.
 VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -47,7 +47,7 @@ class VGG(PerturbableModel):
         index = 0
         for channels in VGG_CONFIGS[self.depth]:
             if channels == "M":
-                x = max_pool(x)
+                x = nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
                 continue
             index += 1
             x = nn.Conv(max(1, int(channels * self.width)), (3, 3), dtype=self.dtype,
