@@ -280,7 +280,10 @@ def apgd_ce(
 ) -> jax.Array:
     """APGD on the cross-entropy (Croce & Hein 2020): the highest-loss point of
     :func:`anp_jax.evaluation.autoattack.apgd` (see there), ``[B, H, W, C]``."""
+    from anp_jax.evaluation import autoattack
 
+    return autoattack.apgd(logits_fn, x, y, eps, rng=rng, num_steps=num_steps, norm=norm,
+                           rho=rho).x_best
 
 
 ATTACKS: dict[str, Attack] = {
