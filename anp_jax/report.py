@@ -399,13 +399,29 @@ def make_report(workdir: str, source_workdir: str | None = None,
 # ---------------------------------------------------------------------------------------------
 
 
+def _save_figure(draw: Callable[[str], Any], dst: str) -> Any:
+    """``draw(local_path)`` into a temporary file, copied to ``dst`` (local or ``gs://``,
+    through :mod:`etils.epath`); returns what ``draw`` returns."""
+    import tempfile
+
+    from etils import epath
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(dst))
+        out = draw(local)
+        epath.Path(dst).write_bytes(epath.Path(local).read_bytes())
+    return out
+
+
 def write_plots(report: dict, workdir: str) -> dict[str, str]:
-    """PNG plots of the report's sections into ``workdir/report/``; returns ``{name: path
-    relative to workdir}``."""
+    """PNG plots of the report's sections into ``workdir/report/`` (local or ``gs://``);
+    returns ``{name: path relative to workdir}``."""
+    from etils import epath
+
     from anp_jax.evaluation import plots
 
     out_dir = os.path.join(workdir, PLOT_DIR)
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     title = report.get("title") or f"{report.get('model')}, {report.get('method')}"
     figures = (("accuracy_vs_budget", "attacks", plots.accuracy_vs_budget),
                ("corruption_severity", "corruptions", plots.corruption_heatmap),
@@ -413,22 +429,27 @@ def write_plots(report: dict, workdir: str) -> dict[str, str]:
     paths = {}
     for name, section, draw in figures:
         if section in report:
-            draw(report, title, os.path.join(out_dir, f"{name}.png"))
+            _save_figure(functools.partial(draw, report, title),
+                         os.path.join(out_dir, f"{name}.png"))
             paths[name] = os.path.join(PLOT_DIR, f"{name}.png")
     return paths
 
 
 def write_learning_curves(workdir: str, title: str) -> dict | None:
     """The learning curves of ``workdir/metrics.jsonl`` (written during training) as
-    ``workdir/report/learning_curves.png``; None when the run wrote no curves."""
+    ``workdir/report/learning_curves.png`` (local or ``gs://``); None when the run wrote no
+    curves."""
+    from etils import epath
+
     from anp_jax.evaluation import plots
 
     rows = plots.read_curves(workdir)
     if not rows:
         return None
-    os.makedirs(os.path.join(workdir, PLOT_DIR), exist_ok=True)
+    epath.Path(os.path.join(workdir, PLOT_DIR)).mkdir(parents=True, exist_ok=True)
     rel = os.path.join(PLOT_DIR, "learning_curves.png")
-    columns = plots.learning_curves(rows, title, os.path.join(workdir, rel))
+    columns = _save_figure(functools.partial(plots.learning_curves, rows, title),
+                           os.path.join(workdir, rel))
     return {"plot": rel, "rows": len(rows), "columns": columns}
 
 

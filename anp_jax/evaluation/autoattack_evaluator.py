@@ -74,8 +74,9 @@ class Evaluator:
 
     After :meth:`run`, ``self.records[budget key]`` is the record with ``norm``, ``eps``,
     ``version``, ``attack`` (a description), ``robust_accuracy``, ``num_examples``,
-    ``stages``, ``seconds`` (per attack and ``total``) and the per-example ``robust`` flags; ``self.checks`` and
-    ``self.warnings`` are those of the sanity checks, and ``self.sanity`` describes them
+    ``stages``, ``seconds`` (per attack and ``total``) and the per-example ``robust``
+    flags; ``self.checks`` and ``self.warnings`` are those of the sanity checks, and
+    ``self.sanity`` describes them
     (budget, examples, the runs' robust accuracies and seconds).
     """
 
