@@ -88,7 +88,7 @@ class Plan:
     autoattack: str | None = None  # AutoAttack version (None: not installed, not run)
     autoattack_budgets: tuple[tuple[str, float], ...] = ()  # (norm, eps) it runs at
     autoattack_examples: int | None = None  # at most this many test images (None: all)
-    autoattack_sanity_examples: int = 200  # its sanity runs: this many images, first budget
+    autoattack_sanity_examples: int = 200  # its sanity runs: this many images, last budget
     sections: tuple[str, ...] = SECTIONS
     tolerance: float = 0.02  # of the sanity checks (fraction of the split)
     zero_threshold: float = 0.1  # PGD accuracy at the largest budget must be below this
@@ -115,7 +115,7 @@ def make_plan(dataset: str, quick: bool = False) -> Plan:
     digits (CIFAR-10's for another data set).  AutoAttack (standard; ``quick``: its quick
     preset on at most 500 images) runs at the headline L-inf budget(s) of the data set
     (digits: 0.1 and 0.2; CIFAR-10: 8/255; MNIST: 0.3; ImageNet: 4/255; ``quick``: its first
-    L-inf budget), with its sanity checks on the first 200 test images at the first budget
+    L-inf budget), with its sanity checks on the first 200 test images at the largest budget
     (not with ``quick``, a quick look)."""
     from anp_jax import corruptions
     family = dataset.split("/")[0].replace("_corrupted", "")

@@ -204,9 +204,9 @@ def test_autoattack_sanity_catches_a_weakened_attack(monkeypatch):
     ev = autoattack_evaluator.Evaluator(runner, [("linf", 0.1), ("linf", 0.2)],
                                         sanity_examples=8)
     out = dict(ev.run(model))
-    # Main cascade at the first budget: the 8 subset examples, then the 12 others; the
-    # second budget all 20; sanity runs on the 8.
-    assert [c[0] for c in calls] == [8, 12, 8, 8, 8, 20]
+    # The first budget: all 20; at the last: the 8 subset examples, then the 12 others, and
+    # the sanity runs on the 8.
+    assert [c[0] for c in calls] == [20, 8, 12, 8, 8, 8]
     by_name = {c["name"]: c for c in ev.checks}
     # Subset of 8: reported robust 6/8 = 0.75; doubled: examples 0, 4 (%4) and 1 (%10)
     # fooled -> 5/8 = 0.625, lower by more than 0.01.
@@ -217,14 +217,14 @@ def test_autoattack_sanity_catches_a_weakened_attack(monkeypatch):
     assert "0.7500" in ev.warnings[0] and "0.6250" in ev.warnings[0]
     sanity_out = out["sanity"]
     assert sanity_out["num_examples"] == 8 and (sanity_out["norm"], sanity_out["eps"]) == (
-        "linf", 0.1)
+        "linf", 0.2)
     assert sanity_out["runs"]["double"]["robust_accuracy"] == pytest.approx(0.625)
     # Merged record over 20: (6 + 9) / 20 robust (indices % 4 != 0 in each part).
-    r = out["records"]["linf_0.1"]
+    r = out["records"]["linf_0.2"]
     assert r["num_examples"] == 20 and r["robust_accuracy"] == pytest.approx(15 / 20)
     assert r["stages"][0]["robust_accuracy"] == pytest.approx(15 / 20)
     assert r["seconds"]["total"] == pytest.approx(9.0) and "robust" not in r
-    np.testing.assert_array_equal(ev.records["linf_0.1"]["robust"],
+    np.testing.assert_array_equal(ev.records["linf_0.2"]["robust"],
                                   np.r_[np.arange(8) % 4 != 0, np.arange(12) % 4 != 0])
     # A converged attack (doubled run equal) passes: no warning.
     calls.clear()

@@ -67,8 +67,9 @@ class Evaluator:
       version: ``"standard"`` or ``"quick"``.
       seed: seeds the cascade's random starts.
       sanity_examples: the sanity runs (the cascade at twice the iterations, Square alone,
-        APGD-T alone) attack the first this many examples of the split at the first budget
-        only, to bound their cost (0: no sanity runs).  The main cascade runs on those
+        APGD-T alone) attack the first this many examples of the split at the last (largest)
+        budget only, to bound their cost (0: no sanity runs): there the attacks converge
+        slowest and the cascade, with few survivors, is cheapest.  The main cascade runs on those
         examples and on the rest separately, so the checks compare like with like.
       tolerance: of the sanity checks, in robust accuracy.
 
@@ -107,9 +108,10 @@ class Evaluator:
         variables = model.variables
         args = (model.apply_fn, variables["params"], variables.get("batch_stats", {}))
         kwargs = dict(version=self.version, seed=self.seed, devices=self.runner.local_devices)
+        last = len(self.budgets) - 1
         for i, (norm, eps) in enumerate(self.budgets):
             t0 = time.perf_counter()
-            k = min(self.sanity_examples, len(labels)) if i == 0 else 0
+            k = min(self.sanity_examples, len(labels)) if i == last else 0
             # The sanity subset first, then the rest: the checks compare the same examples.
             slices = [s for s in (slice(0, k), slice(k, None)) if len(labels[s])] if k else [
                 slice(None)]
@@ -134,7 +136,7 @@ class Evaluator:
                     parts[0], runs, self.tolerance)
                 self.sanity = {
                     "norm": norm, "eps": eps, "num_examples": k,
-                    "subset": f"the first {k} test examples at the first AutoAttack budget",
+                    "subset": f"the first {k} test examples at the largest AutoAttack budget",
                     "reported_on_subset": parts[0]["robust_accuracy"],
                     "runs": {name: {"robust_accuracy": r["robust_accuracy"],
                                     "seconds": r["seconds"]["total"],
