@@ -358,20 +358,7 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _split_host_for_eval() -> None:
-    """One XLA host device per CPU core for ``eval`` (the AutoAttack cascade runs about 2x
-    faster pmapped over them than on one device); only before JAX is imported, and only if
-    ``XLA_FLAGS`` does not set the count already.  Not for ``train``, whose results depend
-    on the device count."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in flags:
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
-
-
 def _eval(argv: list[str]) -> int:
-    _split_host_for_eval()
     try:
         fv, _ = parse_config_flags(
             argv, _define_eval, help_text=USAGE.splitlines()[1].strip() + "\n\n" + (
