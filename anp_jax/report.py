@@ -88,6 +88,7 @@ class Plan:
     autoattack: str | None = None  # AutoAttack version (None: not installed, not run)
     autoattack_budgets: tuple[tuple[str, float], ...] = ()  # (norm, eps) it runs at
     autoattack_examples: int | None = None  # at most this many test images (None: all)
+    autoattack_sanity_examples: int = 200  # its sanity runs: this many images, last budget
     sections: tuple[str, ...] = SECTIONS
     tolerance: float = 0.02  # of the sanity checks (fraction of the split)
     zero_threshold: float = 0.1  # PGD accuracy at the largest budget must be below this
@@ -114,7 +115,8 @@ def make_plan(dataset: str, quick: bool = False) -> Plan:
     digits (CIFAR-10's for another data set).  AutoAttack (standard; ``quick``: its quick
     preset on at most 500 images) runs at the headline L-inf budget(s) of the data set
     (digits: 0.1 and 0.2; CIFAR-10: 8/255; MNIST: 0.3; ImageNet: 4/255; ``quick``: its first
-    L-inf budget)."""
+    L-inf budget), with its sanity checks on the first 200 test images at the largest budget
+    (not with ``quick``, a quick look)."""
     from anp_jax import corruptions
     family = dataset.split("/")[0].replace("_corrupted", "")
     linf, l2, curve = _BUDGETS.get(family, _BUDGETS["cifar10"])
@@ -128,7 +130,8 @@ def make_plan(dataset: str, quick: bool = False) -> Plan:
                     corruptions=_QUICK_CORRUPTIONS,
                     severities=(1, 3, 5), num_frames=4, sigmas=(0.1, 0.5), num_directions=4,
                     coarse=8, fine=4, boundary_examples=128, autoattack=version,
-                    autoattack_budgets=(("linf", linf[0]),), autoattack_examples=500)
+                    autoattack_budgets=(("linf", linf[0]),), autoattack_examples=500,
+                    autoattack_sanity_examples=0)
     return Plan(linf_budgets=linf, l2_budgets=l2, curve_budgets=curve, steps=10,
                 more_steps=20,
                 corruptions=tuple(corruptions.CORRUPTIONS), severities=(1, 2, 3, 4, 5),
@@ -242,7 +245,8 @@ def _autoattack(ctx: _Context) -> dict | None:
         return None
     ev = ctx.evaluators["autoattack"] = autoattack_evaluator.Evaluator(
         ctx.runner, plan.autoattack_budgets, version=plan.autoattack,
-        max_examples=plan.autoattack_examples, seed=ctx.runner.seed, log=ctx.log)
+        max_examples=plan.autoattack_examples, seed=ctx.runner.seed,
+        sanity_examples=plan.autoattack_sanity_examples, log=ctx.log)
     return dict(ev.run(ctx.run.model))
 
 
@@ -379,8 +383,12 @@ def make_report(workdir: str, source_workdir: str | None = None,
             "resolution": b["resolution"], "norm": b["norm"], "mean_min": b["mean_min"],
             "mean_mean": b["mean_mean"], "censored_fraction": b["censored_fraction"],
             "num_examples": b["num_examples"]}
+    warnings = sanity.warnings(checks)
+    if aa is not None and aa.sanity is not None:  # AutoAttack's own: strength and masking
+        checks = checks + aa.checks
+        warnings = warnings + aa.warnings
     report["sanity"] = {"checks": checks, "passed": all(c["passed"] for c in checks)}
-    report["warnings"] = sanity.warnings(checks)
+    report["warnings"] = warnings
     report["timings"] = timings
     report["seconds"] = time.perf_counter() - t_start
     return report
@@ -391,13 +399,29 @@ def make_report(workdir: str, source_workdir: str | None = None,
 # ---------------------------------------------------------------------------------------------
 
 
+def _save_figure(draw: Callable[[str], Any], dst: str) -> Any:
+    """``draw(local_path)`` into a temporary file, copied to ``dst`` (local or ``gs://``,
+    through :mod:`etils.epath`); returns what ``draw`` returns."""
+    import tempfile
+
+    from etils import epath
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(dst))
+        out = draw(local)
+        epath.Path(dst).write_bytes(epath.Path(local).read_bytes())
+    return out
+
+
 def write_plots(report: dict, workdir: str) -> dict[str, str]:
-    """PNG plots of the report's sections into ``workdir/report/``; returns ``{name: path
-    relative to workdir}``."""
+    """PNG plots of the report's sections into ``workdir/report/`` (local or ``gs://``);
+    returns ``{name: path relative to workdir}``."""
+    from etils import epath
+
     from anp_jax.evaluation import plots
 
     out_dir = os.path.join(workdir, PLOT_DIR)
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     title = report.get("title") or f"{report.get('model')}, {report.get('method')}"
     figures = (("accuracy_vs_budget", "attacks", plots.accuracy_vs_budget),
                ("corruption_severity", "corruptions", plots.corruption_heatmap),
@@ -405,22 +429,27 @@ def write_plots(report: dict, workdir: str) -> dict[str, str]:
     paths = {}
     for name, section, draw in figures:
         if section in report:
-            draw(report, title, os.path.join(out_dir, f"{name}.png"))
+            _save_figure(functools.partial(draw, report, title),
+                         os.path.join(out_dir, f"{name}.png"))
             paths[name] = os.path.join(PLOT_DIR, f"{name}.png")
     return paths
 
 
 def write_learning_curves(workdir: str, title: str) -> dict | None:
     """The learning curves of ``workdir/metrics.jsonl`` (written during training) as
-    ``workdir/report/learning_curves.png``; None when the run wrote no curves."""
+    ``workdir/report/learning_curves.png`` (local or ``gs://``); None when the run wrote no
+    curves."""
+    from etils import epath
+
     from anp_jax.evaluation import plots
 
     rows = plots.read_curves(workdir)
     if not rows:
         return None
-    os.makedirs(os.path.join(workdir, PLOT_DIR), exist_ok=True)
+    epath.Path(os.path.join(workdir, PLOT_DIR)).mkdir(parents=True, exist_ok=True)
     rel = os.path.join(PLOT_DIR, "learning_curves.png")
-    columns = plots.learning_curves(rows, title, os.path.join(workdir, rel))
+    columns = _save_figure(functools.partial(plots.learning_curves, rows, title),
+                           os.path.join(workdir, rel))
     return {"plot": rel, "rows": len(rows), "columns": columns}
 
 
@@ -467,7 +496,7 @@ def format_report(report: dict, workdir: str) -> str:
     for key, r in aa.items():
         stages = r.get("stages")
         lines.append(f"{r['attack']} at {key.replace('_', ' ')}: {r['robust_accuracy']:.4f} "
-                     f"over {r['num_examples']} images ({r['seconds']:.1f} s)"
+                     f"over {r['num_examples']} images ({r['seconds']['total']:.1f} s)"
                      + (f"; stages {stages}" if stages else ""))
     if aa:
         lines.append("")

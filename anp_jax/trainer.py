@@ -887,13 +887,22 @@ def _since_process_start() -> float:
 
 
 def format_report(metrics: dict) -> str:
-    """A readable table of the metrics, for the terminal."""
-    rows = [("clean accuracy", metrics["clean_accuracy"])]
-    rows += [(f"adversarial {k}", v) for k, v in metrics["adversarial"].items()]
+    """A readable table of the metrics, for the terminal: the reported robust accuracy (per
+    budget, the per-example worst case over the attacks run, with the attack named) first,
+    then the diagnostics (each attack alone, corruptions), labelled as such."""
+    from anp_jax.evaluation import robust
+
+    lines = [f"clean accuracy {metrics['clean_accuracy']:.4f}", ""]
+    worst = robust.table_lines(metrics.get("robust_accuracy") or {})
+    lines += worst + ([""] if worst else [])
+    rows = [(f"adversarial {k}", v) for k, v in metrics["adversarial"].items()]
     rows += [(f"corruption {k}", v) for k, v in metrics["corruption"].items()]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'metric':<{width}}  accuracy", f"{'-' * width}  --------"]
-    lines += [f"{name:<{width}}  {value:8.4f}" for name, value in rows]
+    if rows:
+        width = max(len(name) for name, _ in rows)
+        lines.append("diagnostics: each attack or corruption alone (not the reported robust "
+                     "accuracy)")
+        lines += [f"{'metric':<{width}}  accuracy", f"{'-' * width}  --------"]
+        lines += [f"{name:<{width}}  {value:8.4f}" for name, value in rows]
     lines.append(f"final train loss {metrics['final_train_loss']:.4f}; "
                  f"{metrics['steps']} updates in {metrics['train_seconds']:.1f} s "
                  f"on {metrics['num_devices']} device(s)")

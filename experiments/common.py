@@ -292,6 +292,7 @@ class Runner:
         self.records.setdefault(name, {})[seed] = record
         self.meta.setdefault(name, dict(meta))
         log(f"[{self.settings.script}] {name} seed {seed}: clean {record['clean']:.3f}  "
+            f"robust {fmt_num(record['robust'])} ({record['robust_attack']})  "
             f"pgd {fmt_num(record['pgd'])}  corruption {fmt_num(record['corruption'])}  "
             f"train {record['train_seconds']:.1f} s{cached}")
         return record
@@ -313,10 +314,23 @@ class Runner:
 
 
 def summarize(metrics: dict, settings: Settings) -> dict:
+    """The figures of one run: ``robust`` is the reported robust accuracy (the per-example
+    worst case over every attack run, ``metrics["robust_accuracy"]``) at the budget of the
+    PGD attack, with the attack that gives it in ``robust_attack``; ``fgsm`` and ``pgd`` are
+    those attacks alone (diagnostics)."""
+    from anp_jax.evaluation import attacks as attack_eval
+
     corr = metrics.get("corruption", {})
     adv = metrics.get("adversarial", {})
+    worst = {}
+    if settings.pgd_id:
+        _, norm, eps, _ = attack_eval.parse_id(settings.pgd_id)
+        worst = (metrics.get("robust_accuracy") or {}).get(attack_eval.budget_key(norm, eps),
+                                                           {})
     return {
         "clean": metrics["clean_accuracy"],
+        "robust": worst.get("accuracy"),
+        "robust_attack": worst.get("attack"),
         "fgsm": adv.get(settings.fgsm_id) if settings.fgsm_id else None,
         "pgd": adv.get(settings.pgd_id) if settings.pgd_id else None,
         "corruption": float(np.mean(list(corr.values()))) if corr else None,
@@ -395,7 +409,10 @@ def settings_lines(settings: Settings) -> list[str]:
         f"schedule {c.anp.schedule}",
         f"- seeds: {', '.join(map(str, settings.seeds))} (mean ± sample std over seeds; "
         "differences are paired by seed)",
-        f"- PGD column: `{settings.pgd_id}`; FGSM column: `{settings.fgsm_id}`; corruption "
+        "- robust column: the reported robust accuracy, per example the worst case over "
+        f"every attack run at the budget of `{settings.pgd_id}` (the attack named beside it); "
+        f"PGD column: `{settings.pgd_id}` alone; FGSM column: `{settings.fgsm_id}` alone "
+        "(diagnostics); corruption "
         f"column: mean over {len(c.eval.corruptions)} corruption(s) "
         f"({_short_list(c.eval.corruptions)})",
     ]
@@ -473,9 +490,24 @@ def bar_chart(path: str, labels: Sequence[str], series: Mapping[str, Sequence[Se
     plt.close(fig)
 
 
+ACCURACY_HEADER = ("clean", "robust (worst case, attack)", "FGSM", "PGD", "mean corruption")
+
+
+def robust_cell(runner: Runner, name: str) -> str:
+    """The reported robust accuracy of one run name (worst case over the attacks run, at the
+    PGD budget) with the attack that gives it, e.g. ``0.412 (worst case over FGSM, PGD-10
+    (per example))``."""
+    attacks = sorted({r["robust_attack"] for r in runner.records.get(name, {}).values()
+                      if r.get("robust_attack")})
+    value = fmt(runner.values(name, "robust"))
+    return f"{value} ({'; '.join(attacks)})" if attacks else value
+
+
 def accuracy_columns(runner: Runner, name: str) -> list[str]:
-    """``clean, FGSM, PGD, mean corruption`` cells of one run name."""
-    return [fmt(runner.values(name, key)) for key in ("clean", "fgsm", "pgd", "corruption")]
+    """The :data:`ACCURACY_HEADER` cells of one run name: clean, the reported robust
+    accuracy with its attack, FGSM and PGD alone (diagnostics), mean corruption."""
+    return [fmt(runner.values(name, "clean")), robust_cell(runner, name),
+            *(fmt(runner.values(name, key)) for key in ("fgsm", "pgd", "corruption"))]
 
 
 def masking_notes(runner: Runner, names: Sequence[str], settings: Settings) -> list[str]:

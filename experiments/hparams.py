@@ -138,7 +138,7 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
                                   ("mean corruption", "corruption")):
                 curves[label].append(common.mean_std(runner.values(name, metric)))
         sections += [f"### {key}", common.table(
-            [key, "clean", "FGSM", "PGD", "mean corruption", "Δ PGD vs replay (same k)",
+            [key, *common.ACCURACY_HEADER, "Δ PGD vs replay (same k)",
              "Δ corruption vs replay", "Δ clean vs replay"], rows)]
         for (label, stats), color in zip(curves.items(), ("C0", "C1", "C2")):
             if xs:
@@ -173,8 +173,7 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
     plt.close(fig)
     ctrl_rows = [[f"`{n}`", *common.accuracy_columns(runner, n)]
                  for n in runner.records if n.startswith("replay")]
-    sections += ["### controls", common.table(["control", "clean", "FGSM", "PGD",
-                                               "mean corruption"], ctrl_rows),
+    sections += ["### controls", common.table(["control", *common.ACCURACY_HEADER], ctrl_rows),
                  common.masking_section(common.masking_notes(runner, list(runner.records),
                                                              settings))]
     common.write_results(settings, "Hyper-parameters", sections, runner.dump(),

@@ -75,7 +75,7 @@ def report(runner: common.Runner, settings: common.Settings, points: Sequence[st
             _d(runner, name, "replay", "corruption"),
             _d(runner, name, "vanilla", "clean", negate=True),
         ])
-    header = ["run", "perturbed points", "clean", "FGSM", "PGD", "mean corruption",
+    header = ["run", "perturbed points", *common.ACCURACY_HEADER,
               "PGD gain vs vanilla", "PGD gain vs replay", "corruption gain vs replay",
               "clean cost vs vanilla"]
     n = len(points)

@@ -71,7 +71,7 @@ def report(runner: common.Runner, settings: common.Settings, methods: Sequence[s
             _delta(runner, m, ref, "pgd") if ref else "",
             common.fmt(runner.values(m, "train_seconds"), 1),
         ])
-    header = ["method", "updates / mini-batch", "clean", "FGSM", "PGD", "mean corruption",
+    header = ["method", "updates / mini-batch", *common.ACCURACY_HEADER,
               "Δ PGD vs vanilla", "Δ PGD vs replay", "Δ corruption vs replay",
               "Δ PGD vs same AT without ANP", "train s (incl. compile)"]
     sections = [

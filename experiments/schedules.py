@@ -149,7 +149,7 @@ def report(runner: common.Runner, settings: common.Settings, runs, user) -> None
                 " (function tabulated per epoch as piecewise)"
         rows.append([f"`{name}`{how}", *cells, *common.accuracy_columns(runner, name),
                      f"`{ctrl}`" if ctrl else "", *deltas])
-    header = ["schedule", "mean eps", "mean k", "clean", "FGSM", "PGD", "mean corruption",
+    header = ["schedule", "mean eps", "mean k", *common.ACCURACY_HEADER,
               "control", "Δ PGD vs control", "Δ corruption vs control", "Δ clean vs control"]
     sections = ["## Noise schedules (equal epochs)", common.table(header, rows),
                 "The user-written schedule (`experiments/schedules.py`):",

@@ -142,7 +142,7 @@ def test_autoattack_evaluator_feeds_the_split_and_keeps_the_flags(monkeypatch):
                         types.SimpleNamespace(autoattack=fake))
     runner = Runner(padded_batches(x, y, 2, 4), devices=jax.local_devices()[:4])
     ev = autoattack_evaluator.Evaluator(runner, [("linf", 0.1)], version="quick",
-                                        max_examples=9)
+                                        max_examples=9, sanity_examples=0)
     records = dict(ev.run(model))["records"]
     np.testing.assert_array_equal(seen["labels"], y[:9])
     np.testing.assert_array_equal(seen["images"], x[:9])
@@ -154,6 +154,84 @@ def test_autoattack_evaluator_feeds_the_split_and_keeps_the_flags(monkeypatch):
     np.testing.assert_array_equal(ev.records["linf_0.1"]["robust"], expected)
     with pytest.raises(ValueError, match="version"):
         autoattack_evaluator.Evaluator(runner, [], version="strong")
+
+
+def _stage_record(flags_after, clean_flags):
+    """A cascade record by hand: per-stage per-example robust flags -> accuracies."""
+    stages = [{"attack": name, "num_attacked": 0, "robust_accuracy": float(np.mean(f)),
+               "seconds": 1.0} for name, f in flags_after]
+    return {"norm": "linf", "eps": 0.1, "version": "standard",
+            "clean_accuracy": float(np.mean(clean_flags)), "stages": stages,
+            "robust_accuracy": stages[-1]["robust_accuracy"],
+            "robust_accuracy_after": {s["attack"]: s["robust_accuracy"] for s in stages},
+            "seconds": {"clean": 0.5, "total": 4.5}, "attacks": [],
+            "robust": [bool(r) for r in flags_after[-1][1]]}
+
+
+def test_autoattack_sanity_catches_a_weakened_attack(monkeypatch):
+    """A stand-in cascade whose doubled run is 0.05 lower (an unconverged attack): the
+    evaluator's strength check fails with a warning; the sanity runs see only the subset,
+    and the reported record (subset + rest, merged) is the mean over all examples."""
+    from anp_jax.evaluation import autoattack as real
+
+    model, x, y, _ = _linear(n=20)
+    calls = []
+
+    def cascade(apply_fn, params, batch_stats, images, labels, *, norm, eps, version, seed,
+                devices, double=False, only=None):
+        n = len(labels)
+        calls.append((n, double, only))
+        robust_flags = np.arange(n) % 4 != 0  # 3 of 4 robust
+        if double:  # 2 of 20 more fooled per 20: 0.05 lower
+            robust_flags = robust_flags & (np.arange(n) % 10 != 1)
+        clean_flags = np.ones(n, bool)
+        after_ce = np.arange(n) % 4 != 0
+        return _stage_record([("apgd-ce", after_ce), ("apgd-t", robust_flags),
+                              ("fab-t", robust_flags), ("square", robust_flags)], clean_flags)
+
+    def sanity_runs(*args, **kwargs):
+        return {"double": cascade(*args, double=True, **kwargs),
+                "square": cascade(*args, only=("square",), **kwargs),
+                "apgd-t": cascade(*args, only=("apgd-t",), **kwargs)}
+
+    import anp_jax.evaluation
+
+    stand_in = types.SimpleNamespace(autoattack=cascade, sanity_runs=sanity_runs,
+                                     sanity_checks=real.sanity_checks)  # the real checks
+    monkeypatch.setitem(sys.modules, "anp_jax.evaluation.autoattack", stand_in)
+    monkeypatch.setattr(anp_jax.evaluation, "autoattack", stand_in)
+    runner = Runner(padded_batches(x, y, 2, 4), devices=jax.local_devices()[:4])
+    ev = autoattack_evaluator.Evaluator(runner, [("linf", 0.1), ("linf", 0.2)],
+                                        sanity_examples=8)
+    out = dict(ev.run(model))
+    # The first budget: all 20; at the last: the 8 subset examples, then the 12 others, and
+    # the sanity runs on the 8.
+    assert [c[0] for c in calls] == [20, 8, 12, 8, 8, 8]
+    by_name = {c["name"]: c for c in ev.checks}
+    # Subset of 8: reported robust 6/8 = 0.75; doubled: examples 0, 4 (%4) and 1 (%10)
+    # fooled -> 5/8 = 0.625, lower by more than 0.01.
+    assert not by_name["double_iterations_agree"]["passed"]
+    assert by_name["cascade_never_raises"]["passed"]
+    assert by_name["gradient_free_not_stronger"]["passed"]
+    assert len(ev.warnings) == 1 and "double_iterations_agree" in ev.warnings[0]
+    assert "0.7500" in ev.warnings[0] and "0.6250" in ev.warnings[0]
+    sanity_out = out["sanity"]
+    assert sanity_out["num_examples"] == 8 and (sanity_out["norm"], sanity_out["eps"]) == (
+        "linf", 0.2)
+    assert sanity_out["runs"]["double"]["robust_accuracy"] == pytest.approx(0.625)
+    # Merged record over 20: (6 + 9) / 20 robust (indices % 4 != 0 in each part).
+    r = out["records"]["linf_0.2"]
+    assert r["num_examples"] == 20 and r["robust_accuracy"] == pytest.approx(15 / 20)
+    assert r["stages"][0]["robust_accuracy"] == pytest.approx(15 / 20)
+    assert r["seconds"]["total"] == pytest.approx(9.0) and "robust" not in r
+    np.testing.assert_array_equal(ev.records["linf_0.2"]["robust"],
+                                  np.r_[np.arange(8) % 4 != 0, np.arange(12) % 4 != 0])
+    # A converged attack (doubled run equal) passes: no warning.
+    calls.clear()
+    monkeypatch.setattr(stand_in, "sanity_runs", lambda *a, **k: {"double": cascade(*a, **k)})
+    ev = autoattack_evaluator.Evaluator(runner, [("linf", 0.1)], sanity_examples=8)
+    dict(ev.run(model))
+    assert ev.warnings == [] and all(c["passed"] for c in ev.checks)
 
 
 def test_corruption_families_as_imagenet_c():

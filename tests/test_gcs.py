@@ -97,3 +97,24 @@ def test_train_and_resume_on_gcs(emulator, data_dir):
     assert {"44", "88"} <= steps, steps
     assert metrics["batches"] == 88 and metrics["steps"] == 2 * 88
     assert metrics["num_test_examples"] == 359 and 0.0 < metrics["clean_accuracy"] <= 1.0
+    # The report's files on gs:// too (anp-jax eval's reading and writing, without its
+    # evaluation, which is tested locally in tests/test_report.py).
+    code = ("import json\nfrom etils import epath\nfrom anp_jax import report\n"
+            "from anp_jax.evaluation.run import read_config\n"
+            f"w = {workdir!r}\nconfig, _ = read_config(w)\n"
+            "curves = report.write_learning_curves(w, 'title')\n"
+            "report.merge_into_metrics(w, {'learning_curves': curves, 'seed': config['seed']})\n"
+            "png = (epath.Path(w) / curves['plot']).read_bytes()\n"
+            "print(json.dumps([curves['rows'], png[:8].hex()]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(cli_env(data_dir), **emulator),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows, magic = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rows >= 2 and magic == b"\x89PNG\r\n\x1a\n".hex()
+    names, after = _listing(emulator, "run")
+    assert "report/learning_curves.png" in names
+    assert after["report"] == {"learning_curves": {"plot": "report/learning_curves.png",
+                                                   "rows": rows, "columns": after["report"][
+                                                       "learning_curves"]["columns"]},
+                               "seed": 0}
+    assert {k: v for k, v in after.items() if k != "report"} == metrics

@@ -218,6 +218,8 @@ def test_report_with_autoattack_reports_its_record(trained, monkeypatch):
     assert rec["num_examples"] == aa["num_examples"] == 50
     assert rec["attack"] == aa["attack"] and rec["attack"].startswith("AutoAttack quick preset")
     assert rec["autoattack"]["stages"] == aa["stages"]
+    assert "robust" not in aa and "robust" not in rec["autoattack"]  # no per-example flags
+    json.dumps(r)  # what merge_into_metrics writes
     text = report.format_report(r, trained[1])
     assert text.index("robust accuracy") < text.index(f"{aa['attack']} at linf 0.1: ")
 

@@ -30,8 +30,35 @@ VERSIONS = {
 }
 
 
+def merge_records(parts: Sequence[dict]) -> dict:
+    """One :func:`~anp_jax.evaluation.autoattack.autoattack` record of the examples of
+    ``parts`` (records of consecutive, disjoint slices of one split, same budget and
+    version), in their order: accuracies weighted by the number of examples, counts and
+    seconds summed, per-example ``robust`` flags concatenated."""
+    first = parts[0]
+    sizes = [len(p["robust"]) for p in parts]
+    n = sum(sizes)
+
+    def mean(values: Sequence[float]) -> float:
+        return float(sum(v * m for v, m in zip(values, sizes)) / n)
+
+    stages = [{"attack": s["attack"],
+               "num_attacked": sum(p["stages"][i]["num_attacked"] for p in parts),
+               "robust_accuracy": mean([p["stages"][i]["robust_accuracy"] for p in parts]),
+               "seconds": sum(p["stages"][i]["seconds"] for p in parts)}
+              for i, s in enumerate(first["stages"])]
+    seconds = {k: sum(p["seconds"][k] for p in parts) for k in first["seconds"]}
+    return {**first, "num_examples": n, "stages": stages,
+            "clean_accuracy": mean([p["clean_accuracy"] for p in parts]),
+            "robust_accuracy_after": {s["attack"]: s["robust_accuracy"] for s in stages},
+            "robust_accuracy": mean([p["robust_accuracy"] for p in parts]),
+            "seconds": seconds,
+            "robust": [bool(r) for p in parts for r in p["robust"]]}
+
+
 class Evaluator:
-    """Robust accuracy under AutoAttack at each ``(norm, eps)`` of ``budgets``.
+    """Robust accuracy under AutoAttack at each ``(norm, eps)`` of ``budgets``, with its
+    sanity checks (:func:`anp_jax.evaluation.autoattack.sanity_checks`).
 
     Args:
       runner: the split; AutoAttack runs on this process's first ``max_examples`` real
@@ -39,44 +66,86 @@ class Evaluator:
       budgets: ``[(norm, eps), ...]``, pixels in [0, 1].
       version: ``"standard"`` or ``"quick"``.
       seed: seeds the cascade's random starts.
+      sanity_examples: the sanity runs (the cascade at twice the iterations, Square alone,
+        APGD-T alone) attack the first this many examples of the split at the last (largest)
+        budget only, to bound their cost (0: no sanity runs): there the attacks converge
+        slowest and the cascade, with few survivors, is cheapest.  The main cascade runs on those
+        examples and on the rest separately, so the checks compare like with like.
+      tolerance: of the sanity checks, in robust accuracy.
 
     After :meth:`run`, ``self.records[budget key]`` is the record with ``norm``, ``eps``,
     ``version``, ``attack`` (a description), ``robust_accuracy``, ``num_examples``,
-    ``stages``, ``seconds`` and the per-example ``robust`` flags.
+    ``stages``, ``seconds`` (per attack and ``total``) and the per-example ``robust``
+    flags; ``self.checks`` and ``self.warnings`` are those of the sanity checks, and
+    ``self.sanity`` describes them
+    (budget, examples, the runs' robust accuracies and seconds).
     """
 
     name = "autoattack"
 
     def __init__(self, runner: Runner, budgets: Sequence[tuple[str, float]], *,
                  version: str = "standard", max_examples: int | None = None, seed: int = 0,
+                 sanity_examples: int = 200, tolerance: float = 0.01,
                  log: Callable[[str], None] = lambda m: None):
         if version not in VERSIONS:
             raise ValueError(f"AutoAttack version must be one of {', '.join(VERSIONS)}, "
                              f"got {version!r}")
         self.runner, self.budgets, self.version = runner, tuple(budgets), version
         self.max_examples, self.seed, self.log = max_examples, seed, log
+        self.sanity_examples, self.tolerance = sanity_examples, tolerance
         self.records: dict[str, dict] = {}
+        self.checks: list[dict] = []
+        self.warnings: list[str] = []
+        self.sanity: dict | None = None
 
     def run(self, model: Model) -> Iterator[tuple[str, Any]]:
-        """Yields ``records``: ``{budget key: record without the per-example flags}``."""
+        """Yields ``records`` (``{budget key: record without the per-example flags}``) and,
+        when sanity runs ran, ``sanity`` (``{"norm", "eps", "num_examples", "runs", "checks",
+        "warnings"}``)."""
         from anp_jax.evaluation import autoattack
 
         images, labels = self.runner.arrays(self.max_examples)
         variables = model.variables
-        for norm, eps in self.budgets:
+        args = (model.apply_fn, variables["params"], variables.get("batch_stats", {}))
+        kwargs = dict(version=self.version, seed=self.seed, devices=self.runner.local_devices)
+        last = len(self.budgets) - 1
+        for i, (norm, eps) in enumerate(self.budgets):
             t0 = time.perf_counter()
-            out = dict(autoattack.autoattack(
-                model.apply_fn, variables["params"], variables.get("batch_stats", {}),
-                images, labels, norm=norm, eps=eps, version=self.version, seed=self.seed,
-                devices=self.runner.local_devices))
+            k = min(self.sanity_examples, len(labels)) if i == last else 0
+            # The sanity subset first, then the rest: the checks compare the same examples.
+            slices = [s for s in (slice(0, k), slice(k, None)) if len(labels[s])] if k else [
+                slice(None)]
+            parts = [dict(autoattack.autoattack(*args, images[s], labels[s], norm=norm,
+                                                eps=eps, **kwargs)) for s in slices]
+            out = merge_records(parts) if len(parts) > 1 else parts[0]
             robust = np.asarray(out.pop("robust"), bool).reshape(-1)
             record = {**out, "norm": norm, "eps": eps, "version": self.version,
                       "attack": VERSIONS[self.version],
                       "robust_accuracy": float(out["robust_accuracy"]),
                       "num_examples": int(robust.size), "stages": out.get("stages"),
-                      "seconds": time.perf_counter() - t0, "robust": robust}
+                      "seconds": out.get("seconds") or {"total": time.perf_counter() - t0},
+                      "robust": robust}
             self.records[budget_key(norm, eps)] = record
             self.log(f"  AutoAttack {self.version} {norm} {eps:g}: "
-                     f"{record['robust_accuracy']:.4f} ({record['seconds']:.1f} s)")
-        yield "records", {k: {f: v for f, v in r.items() if f != "robust"}
-                          for k, r in self.records.items()}
+                     f"{record['robust_accuracy']:.4f} ({time.perf_counter() - t0:.1f} s)")
+            if k:
+                t0 = time.perf_counter()
+                runs = autoattack.sanity_runs(*args, images[:k], labels[:k], norm=norm,
+                                              eps=eps, **kwargs)
+                self.checks, self.warnings = autoattack.sanity_checks(
+                    parts[0], runs, self.tolerance)
+                self.sanity = {
+                    "norm": norm, "eps": eps, "num_examples": k,
+                    "subset": f"the first {k} test examples at the largest AutoAttack budget",
+                    "reported_on_subset": parts[0]["robust_accuracy"],
+                    "runs": {name: {"robust_accuracy": r["robust_accuracy"],
+                                    "seconds": r["seconds"]["total"],
+                                    "attacks": r["attacks"]} for name, r in runs.items()},
+                    "checks": self.checks, "warnings": self.warnings,
+                    "seconds": time.perf_counter() - t0}
+                self.log(f"  AutoAttack sanity runs on {k} examples at {norm} {eps:g}: "
+                         f"{self.sanity['seconds']:.1f} s")
+        yield "records", {key: {f: v for f, v in r.items() if f != "robust"}
+                          for key, r in self.records.items()}
+        if self.sanity is not None:
+            yield "sanity", self.sanity

@@ -13,7 +13,6 @@ perturbed layers, eps) and every curve its attack with its parameters.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -145,11 +144,13 @@ def insensitivity(report: dict, title: str, path: str) -> None:
 def read_curves(workdir: str) -> list[dict]:
     """The rows of ``workdir/metrics.jsonl`` (one JSON object per line) that have a
     ``step``; [] when there is no such file."""
-    path = os.path.join(workdir, CURVES_FILE)
-    if not os.path.isfile(path):
+    from etils import epath
+
+    path = epath.Path(workdir) / CURVES_FILE  # local or gs://
+    if not path.is_file():
         return []
     rows = []
-    with open(path) as f:
+    with path.open() as f:
         for line in f:
             try:
                 row = json.loads(line)

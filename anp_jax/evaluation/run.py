@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from anp_jax import checkpoint as ckpt_lib
 from anp_jax import data as data_lib
@@ -43,10 +44,10 @@ class RunError(Exception):
 
 def read_metrics(workdir: str) -> dict:
     """``workdir/metrics.json`` as a dict with a ``config`` dict; RunError otherwise."""
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():  # local or gs://
         raise RunError(f"workdir {workdir} does not exist")
     path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise RunError(f"no {METRICS_FILE} in {workdir}; train first with "
                        f"`anp-jax train --workdir={workdir}`")
     try:
@@ -62,14 +63,14 @@ def read_config(workdir: str) -> tuple[dict, dict]:
     """``(config, metrics)`` of a run: the config from ``config.json`` if the run wrote one,
     else from ``metrics.json`` (``metrics`` is {} when there is none yet)."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
         try:
             config = io_lib.read_json(path)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise RunError(f"{path} is not readable JSON: {err}") from None
         config.pop("num_processes", None)  # recorded beside the config fields, not one
         metrics_path = os.path.join(workdir, METRICS_FILE)
-        metrics = read_metrics(workdir) if os.path.isfile(metrics_path) else {}
+        metrics = read_metrics(workdir) if epath.Path(metrics_path).is_file() else {}
         return config, metrics
     metrics = read_metrics(workdir)
     return metrics["config"], metrics
