@@ -711,8 +711,8 @@ class _Run:
                 "noise_norm": interval.noise_norm / interval.count, **hp})
             interval = _Interval()
 
+        batches = iter(self.batches(self.start, stop_at))
         try:
-            batches = iter(self.batches(self.start, stop_at))
             for i in range(self.start, stop_at):
                 state, buffer = self.step(i)(state, buffer, next(batches))
                 done = i + 1
@@ -765,6 +765,9 @@ class _Run:
                                     f"resume")
         finally:
             self.state = state
+            close = getattr(batches, "close", None)
+            if close is not None:  # stops and joins the prefetch thread (preemption, errors)
+                close()
         self.loop["train_seconds"] += time.perf_counter() - t0 if self.mngr is None else 0.0
         self.start = stop_at
 
@@ -834,20 +837,24 @@ def _prefetch(items: Iterable, ahead: int) -> Iterable:
     stop = threading.Event()
     done = object()
 
+    def offer(item: Any) -> bool:
+        """Puts ``item`` on the queue unless the consumer stopped; False if it did."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except queue_lib.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        queue.put(item, timeout=0.1)
-                        break
-                    except queue_lib.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            queue.put(done)
+            offer(done)
         except BaseException as err:  # noqa: BLE001 (re-raised in the consumer)
-            queue.put(err)
+            offer(err)
 
     thread = threading.Thread(target=produce, daemon=True, name="anp-jax-prefetch")
     thread.start()
@@ -861,6 +868,7 @@ def _prefetch(items: Iterable, ahead: int) -> Iterable:
             yield item
     finally:
         stop.set()
+        thread.join()  # no thread may still be moving data when the process exits
 
 
 def _first_examples(batches: Iterable[dict], n: int, process_count: int) -> Iterable[dict]:
