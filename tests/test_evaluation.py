@@ -138,8 +138,9 @@ def test_autoattack_evaluator_feeds_the_split_and_keeps_the_flags(monkeypatch):
         return {"robust_accuracy": robust_flags.mean(), "robust": robust_flags,
                 "stages": {"apgd-ce": robust_flags.mean()}}
 
-    monkeypatch.setitem(sys.modules, "anp_jax.evaluation.autoattack",
-                        types.SimpleNamespace(autoattack=fake))
+    from anp_jax.evaluation import autoattack
+
+    monkeypatch.setattr(autoattack, "autoattack", fake)
     runner = Runner(padded_batches(x, y, 2, 4), devices=jax.local_devices()[:4])
     ev = autoattack_evaluator.Evaluator(runner, [("linf", 0.1)], version="quick",
                                         max_examples=9, sanity_examples=0)
