@@ -151,6 +151,9 @@ class Method:
     noise_tx: Callable[[], optax.GradientTransformationExtraArgs] = noise_lib.anp
     layers: str = "all"  # a selection of anp_jax.models.select_layers, for ANP
     skip_first: int = 0  # leave out the first points of that selection
+    # train_step's next_noise: False is the trainer's step (no noise made after the last
+    # update); the input floor needs True, its "noise" is the input gradient itself.
+    next_noise: bool = False
     description: str = ""
 
 
@@ -171,7 +174,7 @@ def methods(diagnose: bool = False) -> list[Method]:
         # The one point whose gradient plain training does not compute: the step of ANP
         # k=1 at the input alone with the identity as noise transform (the noise of its
         # only forward pass is zero) is plain training plus d loss / d input.
-        Method("input_floor", True, 1, noise_tx=_identity_noise, layers="input",
+        Method("input_floor", True, 1, noise_tx=_identity_noise, layers="input", next_noise=True,
                description="floor: plain training + d loss/d input"),
         Method("anp_k2_no_input", True, 2, skip_first=1,
                description="ANP k=2 at every point but the input"),
@@ -381,9 +384,8 @@ class JaxRunner:
         layers = _layers(method, build_model(model_name, dtype).perturbation_points())
         self.state = _state_factory(model_name, dtype, tuple(batch["image"].shape), layers,
                                     method.noise_tx)(jax.random.PRNGKey(seed))
-        # The trainer's step: no noise made after the last update (train_step's next_noise).
         fn = functools.partial(train.train_step, static_k=method.k if unroll else None,
-                               adversary=method.adversary, next_noise=False)
+                               adversary=method.adversary, next_noise=method.next_noise)
         self.unroll = unroll
         self.lowered = jax.jit(fn, donate_argnums=(0,)).lower(self.state, batch, self.hparams)
         self.compiled: Any = None
