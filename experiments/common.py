@@ -25,7 +25,6 @@ import ast
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import inspect
 import json
 import math
@@ -100,22 +99,13 @@ class Settings:
 
 def load_config(path: str | None):
     """The config of ``path`` (a file defining ``get_config()``, optionally ``FILE:ARG``),
-    or the embedded default."""
-    if not path:
-        from anp_jax.configs import default
+    or the embedded default: loaded as ``anp-jax`` loads it."""
+    from anp_jax import cli
 
-        return default.get_config()
-    arg = None
-    if not os.path.exists(path) and ":" in path:
-        path, arg = path.rsplit(":", 1)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --config {path!r}: no such file")
-    spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise SystemExit(f"error: --config {path!r}: defines no get_config()")
-    return module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        return cli.load_config_file(path)
+    except cli.UsageError as err:
+        raise SystemExit(f"error: --config: {err}") from None
 
 
 def apply_override(config, assignment: str) -> None:
