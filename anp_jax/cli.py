@@ -178,12 +178,13 @@ def _check_override_fields(argv: list[str], config) -> None:
 # The shared parser
 
 
-def _define_common(fv) -> None:
+def _define_common(fv, workdir: bool = True) -> None:
     from absl import flags
 
-    flags.DEFINE_string("workdir", None, "the run's directory: checkpoints, config.json, "
-                        "metrics.json, metrics.jsonl, event files (local or gs://)",
-                        flag_values=fv)
+    if workdir:
+        flags.DEFINE_string("workdir", None, "the run's directory: checkpoints, config.json, "
+                            "metrics.json, metrics.jsonl, event files (local or gs://)",
+                            flag_values=fv)
     flags.DEFINE_bool("compile_cache", True, "use JAX's persistent compilation cache",
                       flag_values=fv)
     flags.DEFINE_string("compile_cache_dir", "", f"its directory (default ${CACHE_ENV} or "
@@ -229,11 +230,11 @@ def parse_config_flags(argv: list[str], define_extra: Callable | None = None, *,
                        help_text: str = "") -> tuple[object, object]:
     """Parses ``argv`` (without the program name) the way ``anp-jax`` does.
 
-    Flags: ``--workdir``, ``--[no]compile_cache``, ``--compile_cache_dir``, ``--config=FILE``
-    and ``--config.FIELD=VALUE`` for every field of the config (ml_collections'
-    ``config_flags``), plus those ``define_extra(flag_values)`` defines.  ``-h``/``--help``
-    raises ``SystemExit(0)`` after printing the flags and every config field with its
-    default and meaning.
+    Flags: ``--workdir`` (with ``require_workdir``), ``--[no]compile_cache``,
+    ``--compile_cache_dir``, ``--config=FILE`` and ``--config.FIELD=VALUE`` for every field
+    of the config (ml_collections' ``config_flags``), plus those
+    ``define_extra(flag_values)`` defines.  ``-h``/``--help`` raises ``SystemExit(0)``
+    after printing the flags and every config field with its default and meaning.
 
     Returns ``(flag_values, config)``; the config is locked (no new fields).
 
@@ -245,7 +246,7 @@ def parse_config_flags(argv: list[str], define_extra: Callable | None = None, *,
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
-    _define_common(fv)
+    _define_common(fv, workdir=require_workdir)
     if define_extra is not None:
         define_extra(fv)
     own = [name for name in fv if name != "config"]

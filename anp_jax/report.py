@@ -98,14 +98,17 @@ _BUDGETS = {  # data set -> (linf, l2, PGD curve)
     "digits": ((0.05, 0.1, 0.2, 0.3), (0.5, 1.0, 2.0),
                (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)),
     "mnist": ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0), (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)),
+    "fashion_mnist": ((0.05, 0.1, 0.2), (0.5, 1.0, 2.0), (0.02, 0.05, 0.1, 0.2, 0.3, 1.0)),
     "cifar10": ((2 / 255, 4 / 255, 8 / 255, 16 / 255), (0.25, 0.5, 1.0),
                 tuple(v / 255 for v in (1, 2, 4, 8, 16, 32, 64, 255))),
     "imagenet2012": ((1 / 255, 2 / 255, 4 / 255), (1.0, 3.0),
                      tuple(v / 255 for v in (1, 2, 4, 16, 255))),
 }
-# AutoAttack's budgets (L-inf): the headline ones, where robust accuracy is neither ~1 nor 0.
-_AUTOATTACK_BUDGETS = {"digits": (0.1, 0.2), "mnist": (0.3,), "cifar10": (8 / 255,),
-                       "imagenet2012": (4 / 255,)}
+# AutoAttack's budgets (norm, eps): the headline ones, where robust accuracy is neither ~1
+# nor 0.
+_AUTOATTACK_BUDGETS = {"digits": (("linf", 0.1), ("linf", 0.2)), "mnist": (("linf", 0.3),),
+                       "fashion_mnist": (("linf", 0.05), ("linf", 0.1), ("l2", 1.0)),
+                       "cifar10": (("linf", 8 / 255),), "imagenet2012": (("linf", 4 / 255),)}
 _QUICK_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "brightness", "contrast")
 
 
@@ -114,15 +117,14 @@ def make_plan(dataset: str, quick: bool = False) -> Plan:
     MNIST and ImageNet budgets, and budgets of the same relative strength for the 8x8
     digits (CIFAR-10's for another data set).  AutoAttack (standard; ``quick``: its quick
     preset on at most 500 images) runs at the headline L-inf budget(s) of the data set
-    (digits: 0.1 and 0.2; CIFAR-10: 8/255; MNIST: 0.3; ImageNet: 4/255; ``quick``: its first
-    L-inf budget), with its sanity checks on the first 200 test images at the largest budget
-    (not with ``quick``, a quick look)."""
+    (digits: 0.1 and 0.2; Fashion-MNIST: 0.05, 0.1 and L2 1.0; CIFAR-10: 8/255; MNIST: 0.3;
+    ImageNet: 4/255; ``quick``: its first L-inf budget), with its sanity checks on the first
+    200 test images at the last budget (not with ``quick``, a quick look)."""
     from anp_jax import corruptions
     family = dataset.split("/")[0].replace("_corrupted", "")
     linf, l2, curve = _BUDGETS.get(family, _BUDGETS["cifar10"])
     version = "quick" if quick else "standard"
-    aa_budgets = tuple(("linf", e) for e in _AUTOATTACK_BUDGETS.get(
-        family, _AUTOATTACK_BUDGETS["cifar10"]))
+    aa_budgets = _AUTOATTACK_BUDGETS.get(family, _AUTOATTACK_BUDGETS["cifar10"])
     if quick:
         linf = (linf[1], linf[-1])
         return Plan(linf_budgets=linf, l2_budgets=(l2[1],),

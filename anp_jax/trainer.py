@@ -73,7 +73,8 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 # long as the eps/alpha/k/lr schedules of the mini-batches already trained stay the same
 # (not so for lr_schedule="cosine" or anp.schedule="official", which stretch with it).
 RESUMABLE_FIELDS = ("eval", "eval_every_epochs", "log_every_steps", "tensorboard",
-                    "checkpoint_every_steps", "keep_checkpoints", "prefetch_batches",
+                    "checkpoint_every_steps", "checkpoint_min_secs", "keep_checkpoints",
+                    "prefetch_batches",
                     "data_dir", "download", "num_epochs")
 
 # metrics.jsonl columns (and TensorBoard tags, "step" aside).
@@ -571,9 +572,13 @@ class _Run:
 
         every = config.get("checkpoint_every_steps", -1)
         self.checkpoint_every = self.per_epoch if every in (-1, 0) else every
+        # epoch checkpoints at most this often (seconds); explicit intervals are kept exactly
+        self.checkpoint_min_secs = float(config.get("checkpoint_min_secs", 0.0)) \
+            if every in (-1, 0) else 0.0
         self.mngr = None
         self.loop = {"epoch_loss_sum": 0.0, "epoch_batches": 0,
-                     "last_epoch_loss": float("nan"), "train_seconds": 0.0}
+                     "last_epoch_loss": float("nan"), "train_seconds": 0.0,
+                     "curve_eval_seconds": 0.0}
         self.resumed = False
         if checkpoints:
             self.mngr = ckpt_lib.manager(self.workdir / "checkpoints",
@@ -598,6 +603,7 @@ class _Run:
             log(f"resumed from checkpoint at mini-batch {self.start} in {self.workdir}")
 
         self.scheds = dict(make_schedules(config), **(schedule_overrides or {}))
+        self.hp_names = tuple(self.scheds)
         self.adversary = make_adversary(config)
         unroll = config.get("unroll_k", "auto")
         self.unroll = jax.default_backend() == "cpu" if unroll == "auto" else bool(unroll)
@@ -627,7 +633,9 @@ class _Run:
         state, metrics = train_lib.train_step(state, batch, hp, axis_name="batch",
                                               static_k=k, adversary=self.adversary,
                                               next_noise=False)
-        values = jnp.stack([jnp.asarray(metrics[m], jnp.float32) for m in _STEP_METRICS])
+        # the step's metrics and hyper-parameters: the log rows need no host-side schedules
+        values = jnp.stack([jnp.asarray(metrics[m], jnp.float32) for m in _STEP_METRICS]
+                           + [jnp.asarray(hp[n], jnp.float32) for n in self.hp_names])
         buffer = jax.lax.dynamic_update_slice(buffer, values[:, None],
                                               (0, index % self.buffer_len))
         return state, buffer
@@ -649,7 +657,8 @@ class _Run:
         return self.compiled[k]
 
     def new_buffer(self) -> jax.Array:
-        zeros = np.zeros((len(_STEP_METRICS), self.buffer_len), np.float32)
+        zeros = np.zeros((len(_STEP_METRICS) + len(self.hp_names), self.buffer_len),
+                         np.float32)
         return self._identity(jax_utils.replicate(zeros, self.devices))
 
     def batches(self, start: int, stop: int) -> Iterable[dict]:
@@ -673,17 +682,34 @@ class _Run:
         pending_from = self.start  # first mini-batch whose metrics are still in the buffer
         t0 = time.perf_counter()
         epoch_t0 = t0
+        last_save = t0
+        last_hp: dict[str, float] = {}
         state = self.state
         eval_every = self.config.get("eval_every_epochs", 0)
+
+        def due(checkpoint: bool, final: bool) -> bool:
+            """Whether to save now: every interval, epoch checkpoints no more often than
+            ``checkpoint_min_secs`` (process 0's clock decides for every process)."""
+            if final or not checkpoint or not self.checkpoint_min_secs:
+                return checkpoint
+            wanted = time.perf_counter() - last_save >= self.checkpoint_min_secs
+            if self.process_count > 1:
+                from jax.experimental import multihost_utils
+
+                wanted = bool(multihost_utils.broadcast_one_to_all(np.int32(wanted)))
+            return wanted
 
         def fetch(upto: int) -> None:
             """Reads the buffer's metrics of mini-batches ``pending_from .. upto - 1``."""
             nonlocal pending_from
             if upto == pending_from:
                 return
+            nonlocal last_hp
             values = np.asarray(ckpt_lib.first_replica(buffer), np.float64)
+            n = len(_STEP_METRICS)
+            last_hp = dict(zip(self.hp_names, values[n:, (upto - 1) % self.buffer_len]))
             for j in range(pending_from, upto):
-                loss, acc, nnorm, finite = values[:, j % self.buffer_len]
+                loss, acc, nnorm, finite = values[:n, j % self.buffer_len]
                 if not (math.isfinite(loss) and finite == 1.0):
                     raise TrainingError(
                         f"non-finite training loss at mini-batch {j + 1}; stopped. The last "
@@ -702,9 +728,8 @@ class _Run:
             nonlocal interval
             if writer is None or not interval.count:
                 return
-            hp = {n: float(v) for n, v in hparams_at(self.scheds, (done - 1) / self.per_epoch)
-                  .items()}
-            hp["k"] = int(self.k_table[done - 1]) if self.unroll else int(hp["k"])
+            hp = {n: float(v) for n, v in last_hp.items()}  # those of mini-batch done - 1
+            hp["k"] = int(self.k_table[done - 1]) if self.unroll else int(round(hp["k"]))
             writer.write_scalars(done, {
                 "epoch": done / self.per_epoch, "train_loss": interval.loss / interval.count,
                 "train_accuracy": interval.accuracy / interval.count,
@@ -726,7 +751,7 @@ class _Run:
                 stop = signals is not None and signals.should_stop(done)
                 end_of_epoch = done % self.per_epoch == 0
                 log_point = done % self.log_every == 0 or end_of_epoch
-                checkpoint = (done % self.checkpoint_every == 0 or done == stop_at or stop)
+                checkpoint = due(done % self.checkpoint_every == 0, done == stop_at or stop)
                 if not (log_point or checkpoint or done == stop_at):
                     continue
                 fetch(done)
@@ -739,7 +764,7 @@ class _Run:
                     self.loop["epoch_loss_sum"], self.loop["epoch_batches"] = 0.0, 0
                     now = time.perf_counter()
                     if self.is_main and self.progress:
-                        hp = hparams_at(self.scheds, (done - 1) / self.per_epoch)
+                        hp = last_hp
                         self.log(f"epoch {epoch}/{math.ceil(self.total / self.per_epoch)}: "
                                  f"loss {self.loop['last_epoch_loss']:.4f}, accuracy "
                                  f"{self.epoch_accuracy[0] / max(self.epoch_accuracy[1], 1):.4f}"
@@ -748,7 +773,13 @@ class _Run:
                     epoch_t0 = now
                     self.epoch_accuracy = (0.0, 0)
                     if eval_every and epoch % eval_every == 0:
+                        t_eval = time.perf_counter()
                         self.curve_eval(state, done, writer)
+                        # evaluation, not training: kept out of train_seconds
+                        spent = time.perf_counter() - t_eval
+                        self.loop["curve_eval_seconds"] = \
+                            self.loop.get("curve_eval_seconds", 0.0) + spent
+                        t0 += spent
                 if writer is not None:
                     writer.flush()
                 if checkpoint and self.mngr is not None:
@@ -756,6 +787,7 @@ class _Run:
                     t0 = time.perf_counter()
                     self.loop["batches"] = done
                     ckpt_lib.save(self.mngr, state, self.loop)
+                    last_save = time.perf_counter()
                 if stop:
                     self.state = state
                     raise Preempted(signals.signum,
@@ -809,6 +841,7 @@ class _Run:
             "num_test_examples": results["num_examples"],
             "final_train_loss": final_loss,
             "train_seconds": self.loop["train_seconds"],
+            "curve_eval_seconds": self.loop.get("curve_eval_seconds", 0.0),
             "steps": int(np.asarray(ckpt_lib.first_replica(state.step))),
             "batches": self.total,
             "epochs": config.num_epochs,

@@ -1,27 +1,31 @@
 """What the experiment scripts share: command line, runs, statistics, tables and plots.
 
-Every script is one command::
+Every script is one command with ``anp-jax``'s flags (absl, ``ml_collections``)::
 
     python -m experiments.NAME --out DIR [--seeds 0,1,2,3,4] [--epochs N] [--config FILE]
-                               [--set FIELD=VALUE ...] [--attacks IDS] [--corruptions IDS]
+                               [--config.FIELD=VALUE ...] [--attacks IDS] [--corruptions IDS]
+                               [--autoattack standard|quick|none] [--autoattack_budgets B]
+                               [--autoattack_examples N] [--sections corruptions,stability]
 
 and writes into ``DIR``: ``results.md`` (Markdown tables), PNG plots and ``results.json`` (the
 settings and every run's numbers, per seed). Each run trains one config with
-:func:`anp_jax.trainer.train_and_evaluate` in its own workdir; a run
-whose workdir already holds the metrics of the same config is not trained again (pass
-``--rerun`` to train everything afresh), so an interrupted script picks up where it stopped.
-Workdirs are ``STORE/seedS-HASH`` (``STORE``: ``--store``, default ``DIR/runs``; ``HASH``: of
-the config), so scripts given the same ``--store`` share the runs they have in common.
+:func:`anp_jax.trainer.train_and_evaluate` in its own workdir, then the evaluation engine
+(:func:`anp_jax.report.make_report`) runs AutoAttack (standard by default, at the budget of
+the first PGD attack) and the ``--sections`` asked for on the trained model.  A run whose
+workdir already holds the metrics of the same config is not trained again, and its
+evaluation (``evaluation.json``) is reused while the plan is the same (pass ``--rerun`` to
+do everything afresh), so an interrupted script picks up where it stopped.  Workdirs are
+``STORE/seedS-HASH`` (``STORE``: ``--store``, default ``DIR/runs``; ``HASH``: of the config),
+so scripts given the same ``--store`` share the runs they have in common.
 
-Headline numbers of a run: clean accuracy; accuracy under the first FGSM and the first PGD
-attack of the evaluation; and the mean accuracy over the evaluated corruptions (by default
-the 19 CIFAR-10-C corruptions at severity 3).
+Headline numbers of a run: clean accuracy; the reported robust accuracy per budget (the
+per-example worst case over the attacks run there: AutoAttack where it ran), with the
+attack named; FGSM and PGD alone as diagnostics; and the mean accuracy over the evaluated
+corruptions (by default the 19 CIFAR-10-C corruptions at severity 3).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import datetime
 import hashlib
@@ -34,6 +38,7 @@ import shlex
 import shutil
 import sys
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -46,38 +51,85 @@ DEFAULT_SEVERITY = 3
 
 # ----------------------------------------------------------------------------- command line
 
-def parser(description: str, default_epochs: int) -> argparse.ArgumentParser:
-    """The options every script takes; scripts add their own."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (tables, plots, JSON, runs)")
-    p.add_argument("--seeds", default=DEFAULT_SEEDS,
-                   help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs per run (default: {default_epochs} for the embedded digits "
-                        "config, the config's num_epochs with --config)")
-    p.add_argument("--config", default=None,
-                   help="an ml_collections config file defining get_config(), e.g. "
-                        "experiments/configs/cifar10_vgg16.py (default: the embedded digits "
-                        "config, anp_jax/configs/default.py)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field, e.g. --set batch_size=64 (repeatable)")
-    p.add_argument("--attacks", default=None,
-                   help="comma-separated attack ids to evaluate (default: the config's "
-                        "eval.attacks); the first fgsm* and pgd* ids are the table's columns")
-    p.add_argument("--corruptions", default="all",
-                   help=f"comma-separated corruption ids, 'all' (the 19 at severity "
-                        f"{DEFAULT_SEVERITY}, the default), 'all:S' (the 19 at severity S) "
-                        "or 'config' (the config's eval.corruptions)")
-    p.add_argument("--store", default=None,
-                   help="where the runs' workdirs go (default DIR/runs); scripts given the "
-                        "same store share the runs they have in common (same config, seed "
-                        "and evaluation)")
-    p.add_argument("--rerun", action="store_true",
-                   help="train every run again even if its workdir holds its metrics")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help="do not use JAX's persistent compilation cache (DIR/.jax_cache)")
-    return p
+class Parser:
+    """A script's command line: ``anp-jax``'s absl flags (:func:`anp_jax.cli.parse_config_flags`:
+    ``--config=FILE``, ``--config.FIELD=VALUE``, ``--[no]compile_cache``) plus the options every
+    script takes and its own (``add_argument``: ``--NAME`` with a default, a help line and a
+    type; ``action="store_true"`` for a boolean).  :meth:`error` exits with one line."""
+
+    def __init__(self, description: str, default_epochs: int):
+        self.description = description
+        self._flags: dict[str, list] = {}  # name -> [default, help, type]
+        self.add_argument("--out", help="output directory (tables, plots, JSON, runs); "
+                          "required")
+        self.add_argument("--seeds", default=DEFAULT_SEEDS,
+                          help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
+        self.add_argument("--epochs", type=int,
+                          help=f"epochs per run (default: {default_epochs} for the embedded "
+                               "digits config, the config's num_epochs with --config)")
+        self.add_argument("--attacks",
+                          help="comma-separated attack ids to evaluate (default: the config's "
+                               "eval.attacks); the first fgsm* and pgd* ids are the table's "
+                               "diagnostic columns")
+        self.add_argument("--corruptions", default="all",
+                          help=f"comma-separated corruption ids, 'all' (the 19 at severity "
+                               f"{DEFAULT_SEVERITY}, the default), 'all:S' (the 19 at severity "
+                               "S), 'none' or 'config' (the config's eval.corruptions)")
+        self.add_argument("--autoattack", default="standard",
+                          help="AutoAttack version run on every trained model for the robust "
+                               "column: standard (the default), quick (a quick look, not a "
+                               "result) or none")
+        self.add_argument("--autoattack_budgets",
+                          help="comma-separated budgets of AutoAttack, e.g. linf_0.1,l2_1.0 "
+                               "(default: the budget of the first pgd* attack)")
+        self.add_argument("--autoattack_examples", type=int, default=0,
+                          help="AutoAttack on the first N test images (default 0: all)")
+        self.add_argument("--sections", default="",
+                          help="more sections of the evaluation engine run on every trained "
+                               "model (comma-separated): corruptions (the 19 corruptions at "
+                               "severities 1-5), stability (CIFAR-10-P-style flip "
+                               "probability), insensitivity")
+        self.add_argument("--store",
+                          help="where the runs' workdirs go (default OUT/runs); scripts given "
+                               "the same store share the runs they have in common (same "
+                               "config, seed and evaluation)")
+        self.add_argument("--rerun", action="store_true",
+                          help="train every run again even if its workdir holds its metrics")
+
+    def add_argument(self, flag: str, *, default=None, help: str = "", type=str,
+                     action: str | None = None) -> None:
+        kind = bool if action == "store_true" else type
+        self._flags[flag.lstrip("-")] = [False if kind is bool else default, help, kind]
+
+    def set_defaults(self, **defaults) -> None:
+        for name, value in defaults.items():
+            self._flags[name][0] = value
+
+    @staticmethod
+    def error(message: str):
+        raise SystemExit(f"error: {message}")
+
+    def parse_args(self, argv: Sequence[str], prog: str):
+        """``(options, config, flag values)``; options have one attribute per flag."""
+        from absl import flags
+
+        from anp_jax import cli
+
+        define_of = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                     float: flags.DEFINE_float, str: flags.DEFINE_string}
+
+        def define(fv) -> None:
+            for name, (default, text, kind) in self._flags.items():
+                define_of[kind](name, default, text, flag_values=fv)
+
+        try:
+            fv, config = cli.parse_config_flags(list(argv), define, prog=prog,
+                                                require_workdir=False,
+                                                help_text=self.description)
+        except cli.UsageError as err:
+            self.error(str(err))
+        options = types.SimpleNamespace(**{name: fv[name].value for name in self._flags})
+        return options, config, fv
 
 
 @dataclasses.dataclass
@@ -95,6 +147,12 @@ class Settings:
     command: str
     pgd_id: str | None
     fgsm_id: str | None
+    plan: object = None  # anp_jax.report.Plan run on every trained model, or None
+
+
+def parser(description: str, default_epochs: int) -> Parser:
+    """The options every script takes; scripts add their own."""
+    return Parser(description, default_epochs)
 
 
 def load_config(path: str | None):
@@ -108,56 +166,90 @@ def load_config(path: str | None):
         raise SystemExit(f"error: --config: {err}") from None
 
 
-def apply_override(config, assignment: str) -> None:
-    """``FIELD=VALUE`` (``FIELD`` may be dotted; ``VALUE`` a Python literal or a string)."""
-    field, sep, text = assignment.partition("=")
-    if not sep or not field:
-        raise SystemExit(f"error: --set {assignment!r}: expected FIELD=VALUE")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    *parents, leaf = field.split(".")
-    node = config
-    try:
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(leaf)
-        node[leaf] = value
-    except (KeyError, TypeError, AttributeError) as err:
-        raise SystemExit(f"error: --set {assignment!r}: {err}") from None
-
-
 def corruption_ids(spec: str, config) -> tuple[str, ...]:
     from anp_jax.corruptions import CORRUPTIONS
 
     spec = spec.strip()
     if spec == "config":
         return tuple(config.eval.corruptions)
+    if spec == "none":
+        return ()
     if spec == "all" or spec.startswith("all:"):
         severity = int(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_SEVERITY
         return tuple(f"{name}_{severity}" for name in CORRUPTIONS)
     return tuple(s for s in (part.strip() for part in spec.split(",")) if s)
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, script: str,
-          default_epochs: int) -> tuple[argparse.Namespace, Settings]:
+def _budgets(text: str) -> tuple[tuple[str, float], ...]:
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        norm, _, eps = part.partition("_")
+        try:
+            value = float(eps)
+        except ValueError:
+            value = -1.0
+        if norm not in ("linf", "l2") or value <= 0:
+            Parser.error(f"--autoattack_budgets: {part!r} is not NORM_EPS "
+                         "(e.g. linf_0.1, l2_1.0)")
+        out.append((norm, value))
+    return tuple(out)
+
+
+def evaluation_plan(options, config, pgd_id: str | None):
+    """The evaluation engine's plan run on every trained model (None: nothing beyond the
+    trainer's own evaluation): AutoAttack at the table's budget(s) and ``--sections``."""
+    from anp_jax import report
+    from anp_jax.evaluation import attacks as attack_eval
+
+    sections = tuple(s.strip() for s in options.sections.split(",") if s.strip())
+    allowed = ("corruptions", "stability", "insensitivity")
+    bad = [s for s in sections if s not in allowed]
+    if bad:
+        Parser.error(f"--sections: unknown {', '.join(bad)}; choose from "
+                     f"{', '.join(allowed)}")
+    version = options.autoattack
+    if version not in ("standard", "quick", "none"):
+        Parser.error(f"--autoattack: {version!r}; choose standard, quick or none")
+    budgets = ()
+    if version != "none":
+        if options.autoattack_budgets:
+            budgets = _budgets(options.autoattack_budgets)
+        elif pgd_id is not None:
+            _, norm, eps, _ = attack_eval.parse_id(pgd_id)
+            budgets = ((norm, eps),)
+        else:
+            Parser.error("--autoattack needs --autoattack_budgets (no pgd* attack to take "
+                         "the budget from)")
+        sections = ("autoattack", *sections)
+    if not sections:
+        return None
+    return dataclasses.replace(
+        report.make_plan(config.dataset), sections=sections,
+        autoattack=None if version == "none" else version, autoattack_budgets=budgets,
+        autoattack_examples=options.autoattack_examples or None,
+        autoattack_sanity_examples=0)
+
+
+def parse(p: Parser, argv: Sequence[str] | None, script: str,
+          default_epochs: int) -> tuple[types.SimpleNamespace, Settings]:
     """Parses ``argv``; builds the base config (epochs, evaluation, overrides applied)."""
+    from anp_jax import cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
+    args, config, fv = p.parse_args(argv, f"python -m experiments.{script}")
+    if not args.out:
+        p.error("--out is required")
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     if not seeds:
         p.error("--seeds: give at least one seed")
-    config = load_config(args.config)
-    for assignment in args.set:
-        apply_override(config, assignment)
+    config_path = fv["config"].config_filename if any(
+        a.startswith("--config=") or a == "--config" for a in argv) else None
     epochs = args.epochs
     if epochs is None:
-        epochs = int(config.num_epochs) if args.config else default_epochs
+        epochs = int(config.num_epochs) if config_path else default_epochs
     if epochs < 1:
         p.error("--epochs must be >= 1")
     config.num_epochs = epochs
@@ -167,26 +259,14 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, script: str,
     attacks = tuple(config.eval.attacks)
     pgd = next((a for a in attacks if a.startswith("pgd")), None)
     fgsm = next((a for a in attacks if a.startswith("fgsm")), None)
+    plan = evaluation_plan(args, config, pgd)
     os.makedirs(args.out, exist_ok=True)
-    if not args.no_compile_cache:
-        enable_compile_cache(os.path.join(args.out, ".jax_cache"))
+    cli.setup_compile_cache(fv.compile_cache, fv.compile_cache_dir)
     command = "python -m experiments." + script + (" " + shlex.join(argv) if argv else "")
     return args, Settings(script=script, out=args.out, seeds=seeds, epochs=epochs, base=config,
-                          config_path=args.config, rerun=args.rerun,
+                          config_path=config_path, rerun=args.rerun,
                           store=args.store or os.path.join(args.out, "runs"), command=command,
-                          pgd_id=pgd, fgsm_id=fgsm)
-
-
-def enable_compile_cache(path: str) -> None:
-    """JAX's persistent compilation cache: the runs of a script compile the same train and
-    evaluation steps over and over; with the cache each is compiled once. Left alone if
-    the user configured a cache directory already."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+                          pgd_id=pgd, fgsm_id=fgsm, plan=plan)
 
 
 def log(message: str) -> None:
@@ -216,12 +296,6 @@ def _describe(fn: Callable) -> str:
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
-
-
-def _train_accepts_overrides() -> bool:
-    from anp_jax.trainer import train_and_evaluate
-
-    return "schedule_overrides" in inspect.signature(train_and_evaluate).parameters
 
 
 class Runner:
@@ -276,7 +350,8 @@ class Runner:
             cached = ""
         else:
             cached = " (cached)"
-        record = summarize(metrics, self.settings)
+        evaluation = self.evaluate(workdir) if self.settings.plan is not None else None
+        record = summarize(metrics, self.settings, evaluation)
         record["wall_seconds"] = time.perf_counter() - t0
         record["workdir"] = workdir
         self.records.setdefault(name, {})[seed] = record
@@ -286,6 +361,32 @@ class Runner:
             f"pgd {fmt_num(record['pgd'])}  corruption {fmt_num(record['corruption'])}  "
             f"train {record['train_seconds']:.1f} s{cached}")
         return record
+
+    def evaluate(self, workdir: str) -> dict:
+        """The evaluation engine's report of the trained run with the script's plan
+        (:func:`anp_jax.report.make_report`), kept in ``WORKDIR/evaluation.json`` and reused
+        while the plan is the same."""
+        from anp_jax import report
+
+        path = os.path.join(workdir, "evaluation.json")
+        key = _jsonable(dataclasses.asdict(self.settings.plan))
+        if not self.settings.rerun and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("plan") == key:
+                return saved["report"]
+        try:
+            name = f"[{self.settings.script}] {os.path.basename(workdir)}:"
+            out = report.make_report(workdir, plan=self.settings.plan,
+                                     log=lambda m: log(f"{name} {m.strip()}"))
+        except report.ReportError as err:
+            raise SystemExit(f"error: evaluating {workdir}: {err}") from None
+        import jax
+
+        jax.clear_caches()
+        out = _jsonable(out)
+        io_lib.write_json_atomic(path, {"plan": key, "report": out}, indent=1)
+        return out
 
     def values(self, name: str, key: str, seeds: Sequence[int] | None = None) -> list[float]:
         runs = self.records.get(name, {})
@@ -303,24 +404,47 @@ class Runner:
                          for n, per_seed in self.records.items() for s, r in per_seed.items()]}
 
 
-def summarize(metrics: dict, settings: Settings) -> dict:
-    """The figures of one run: ``robust`` is the reported robust accuracy (the per-example
-    worst case over every attack run, ``metrics["robust_accuracy"]``) at the budget of the
-    PGD attack, with the attack that gives it in ``robust_attack``; ``fgsm`` and ``pgd`` are
-    those attacks alone (diagnostics)."""
+def summarize(metrics: dict, settings: Settings, evaluation: dict | None = None) -> dict:
+    """The figures of one run.
+
+    ``robust`` is the reported robust accuracy at the table's budget (the first AutoAttack
+    budget of the script's plan, else that of the PGD attack) with the attack that gives it
+    in ``robust_attack``, and ``robust_budgets`` the same per budget key: the per-example
+    worst case over every attack run there (AutoAttack's record of ``evaluation``, else the
+    trainer's ``metrics["robust_accuracy"]``).  ``fgsm`` and ``pgd`` are those attacks alone
+    (diagnostics).  With the plan's corruption section, ``corruption`` is the mean accuracy
+    over its corruptions and severities (else over the trainer's corruptions); with its
+    stability section, ``mfp`` is the mean flip probability."""
     from anp_jax.evaluation import attacks as attack_eval
 
     corr = metrics.get("corruption", {})
     adv = metrics.get("adversarial", {})
-    worst = {}
+    worst = dict(metrics.get("robust_accuracy") or {})
+    headline = None
     if settings.pgd_id:
         _, norm, eps, _ = attack_eval.parse_id(settings.pgd_id)
-        worst = (metrics.get("robust_accuracy") or {}).get(attack_eval.budget_key(norm, eps),
-                                                           {})
+        headline = attack_eval.budget_key(norm, eps)
+    extra = {}
+    if evaluation is not None:
+        worst.update(evaluation.get("robust_accuracy") or {})
+        plan = settings.plan
+        if plan is not None and plan.autoattack_budgets:
+            headline = attack_eval.budget_key(*plan.autoattack_budgets[0])
+        if "corruptions" in evaluation:
+            corr = evaluation["corruptions"]["accuracy"]
+            extra["corruption_family_error"] = evaluation["corruptions"].get("family_error")
+        if "stability" in evaluation:
+            extra["mfp"] = evaluation["stability"]["mfp"]
+            extra["flip_probability"] = evaluation["stability"]["flip_probability"]
+        if "insensitivity" in evaluation:
+            extra["insensitivity"] = evaluation["insensitivity"]
+    head = worst.get(headline, {}) if headline else {}
     return {
         "clean": metrics["clean_accuracy"],
-        "robust": worst.get("accuracy"),
-        "robust_attack": worst.get("attack"),
+        "robust": head.get("accuracy"),
+        "robust_attack": head.get("attack"),
+        "robust_budgets": {k: r.get("accuracy") for k, r in worst.items()},
+        "robust_attacks": {k: r.get("attack") for k, r in worst.items()},
         "fgsm": adv.get(settings.fgsm_id) if settings.fgsm_id else None,
         "pgd": adv.get(settings.pgd_id) if settings.pgd_id else None,
         "corruption": float(np.mean(list(corr.values()))) if corr else None,
@@ -332,6 +456,7 @@ def summarize(metrics: dict, settings: Settings) -> dict:
         "epochs": metrics["epochs"],
         "final_train_loss": metrics.get("final_train_loss"),
         "perturbed_layers": metrics.get("perturbed_layers", []),
+        **extra,
     }
 
 
@@ -399,14 +524,35 @@ def settings_lines(settings: Settings) -> list[str]:
         f"schedule {c.anp.schedule}",
         f"- seeds: {', '.join(map(str, settings.seeds))} (mean ± sample std over seeds; "
         "differences are paired by seed)",
-        "- robust column: the reported robust accuracy, per example the worst case over "
-        f"every attack run at the budget of `{settings.pgd_id}` (the attack named beside it); "
-        f"PGD column: `{settings.pgd_id}` alone; FGSM column: `{settings.fgsm_id}` alone "
-        "(diagnostics); corruption "
-        f"column: mean over {len(c.eval.corruptions)} corruption(s) "
-        f"({_short_list(c.eval.corruptions)})",
+        "- robust columns: the reported robust accuracy, per example the worst case over "
+        f"every attack run at the budget ({_robust_source(settings)}; the attack is named "
+        f"beside the first); PGD column: `{settings.pgd_id}` alone; FGSM column: "
+        f"`{settings.fgsm_id}` alone (diagnostics); corruption column: mean over "
+        f"{_corruption_text(settings)}",
     ]
+    plan = settings.plan
+    if plan is not None and "stability" in plan.sections:
+        lines.append(f"- mFP: mean flip probability over the CIFAR-10-P-style perturbation "
+                     f"sequences ({plan.num_frames} frames; lower is more stable)")
     return lines
+
+
+def _robust_source(settings: Settings) -> str:
+    plan = settings.plan
+    if plan is None or not plan.autoattack_budgets:
+        return "the trainer's attacks"
+    n = plan.autoattack_examples
+    return (f"AutoAttack {plan.autoattack} on {'the first ' + str(n) if n else 'all'} test "
+            f"images")
+
+
+def _corruption_text(settings: Settings) -> str:
+    plan = settings.plan
+    if plan is not None and "corruptions" in plan.sections:
+        return (f"the {len(plan.corruptions)} corruptions at severities "
+                f"{', '.join(map(str, plan.severities))}")
+    ids = settings.base.eval.corruptions
+    return f"{len(ids)} corruption(s) ({_short_list(ids)})"
 
 
 def _short_list(items: Sequence[str], n: int = 4) -> str:
@@ -480,24 +626,60 @@ def bar_chart(path: str, labels: Sequence[str], series: Mapping[str, Sequence[Se
     plt.close(fig)
 
 
-ACCURACY_HEADER = ("clean", "robust (worst case, attack)", "FGSM", "PGD", "mean corruption")
+def _budget_label(key: str) -> str:
+    norm, _, eps = key.partition("_")
+    return f"{'L-inf' if norm == 'linf' else 'L2'} {eps}"
 
 
-def robust_cell(runner: Runner, name: str) -> str:
-    """The reported robust accuracy of one run name (worst case over the attacks run, at the
-    PGD budget) with the attack that gives it, e.g. ``0.412 (worst case over FGSM, PGD-10
-    (per example))``."""
-    attacks = sorted({r["robust_attack"] for r in runner.records.get(name, {}).values()
-                      if r.get("robust_attack")})
-    value = fmt(runner.values(name, "robust"))
-    return f"{value} ({'; '.join(attacks)})" if attacks else value
+def robust_budgets(runner: Runner) -> list[str]:
+    """The budget keys of the robust columns: the script's AutoAttack budgets, else the PGD
+    attack's."""
+    from anp_jax.evaluation import attacks as attack_eval
+
+    settings = runner.settings
+    if settings.plan is not None and settings.plan.autoattack_budgets:
+        return [attack_eval.budget_key(n, e) for n, e in settings.plan.autoattack_budgets]
+    if settings.pgd_id:
+        _, norm, eps, _ = attack_eval.parse_id(settings.pgd_id)
+        return [attack_eval.budget_key(norm, eps)]
+    return []
+
+
+def accuracy_header(runner: Runner) -> list[str]:
+    """The header of :func:`accuracy_columns`: clean, the reported robust accuracy per
+    budget (the first with its attack), FGSM and PGD alone, mean corruption[, mFP]."""
+    budgets = robust_budgets(runner)
+    robust = [f"robust {_budget_label(k)} (worst case{', attack' if i == 0 else ''})"
+              for i, k in enumerate(budgets)]
+    plan = runner.settings.plan
+    mfp = ["mFP (stability)"] if plan is not None and "stability" in plan.sections else []
+    return ["clean", *robust, "FGSM", "PGD", "mean corruption", *mfp]
+
+
+def robust_cell(runner: Runner, name: str, budget: str | None = None,
+                with_attack: bool = True) -> str:
+    """The reported robust accuracy of one run name at ``budget`` (default: the first
+    robust column's), the per-example worst case over the attacks run, with the attack that
+    gives it, e.g. ``0.412 (AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000))``."""
+    budget = budget or (robust_budgets(runner) or [None])[0]
+    runs = runner.records.get(name, {}).values()
+    values = [r["robust_budgets"][budget] for r in runs
+              if r.get("robust_budgets", {}).get(budget) is not None]
+    attacks = sorted({r["robust_attacks"][budget] for r in runs
+                      if r.get("robust_attacks", {}).get(budget)})
+    value = fmt(values)
+    return f"{value} ({'; '.join(attacks)})" if attacks and with_attack else value
 
 
 def accuracy_columns(runner: Runner, name: str) -> list[str]:
-    """The :data:`ACCURACY_HEADER` cells of one run name: clean, the reported robust
-    accuracy with its attack, FGSM and PGD alone (diagnostics), mean corruption."""
-    return [fmt(runner.values(name, "clean")), robust_cell(runner, name),
-            *(fmt(runner.values(name, key)) for key in ("fgsm", "pgd", "corruption"))]
+    """The :func:`accuracy_header` cells of one run name."""
+    robust = [robust_cell(runner, name, k, with_attack=i == 0)
+              for i, k in enumerate(robust_budgets(runner))]
+    plan = runner.settings.plan
+    mfp = [fmt(runner.values(name, "mfp"), 4)] if plan is not None and \
+        "stability" in plan.sections else []
+    return [fmt(runner.values(name, "clean")), *robust,
+            *(fmt(runner.values(name, key)) for key in ("fgsm", "pgd", "corruption")), *mfp]
 
 
 def masking_notes(runner: Runner, names: Sequence[str], settings: Settings) -> list[str]:
@@ -506,13 +688,23 @@ def masking_notes(runner: Runner, names: Sequence[str], settings: Settings) -> l
     FGSM at the same budget, an attack doing better at a larger budget, ...)."""
     from anp_jax.evaluation import sanity
 
-    del settings
+    pgd_budget = None
+    if settings.pgd_id:
+        from anp_jax.evaluation import attacks as attack_eval
+
+        _, norm, eps, _ = attack_eval.parse_id(settings.pgd_id)
+        pgd_budget = attack_eval.budget_key(norm, eps)
     notes = []
     for name in names:
         for seed, rec in runner.records.get(name, {}).items():
             notes += [f"{name} seed {seed}: {c['detail']}" for c in
                       sanity.attack_checks(rec["adversarial"], tolerance=1e-9)
                       if not c["passed"]]
+            worst = (rec.get("robust_budgets") or {}).get(pgd_budget)
+            if worst is not None and rec.get("pgd") is not None and worst > rec["pgd"] + 1e-9:
+                notes.append(f"{name} seed {seed}: the reported worst case at {pgd_budget} "
+                             f"({worst:.4f}, {rec['robust_attacks'][pgd_budget]}) is above "
+                             f"{settings.pgd_id} alone ({rec['pgd']:.4f})")
     return notes
 
 
@@ -524,8 +716,3 @@ def masking_section(notes: Sequence[str]) -> str:
     more = f"\n- ... and {len(notes) - 20} more" if len(notes) > 20 else ""
     return ("Gradient-masking check FAILED for some runs (a stronger attack did worse); "
             "treat their robustness with suspicion:\n" + shown + more)
-
-
-def train_accepts_overrides() -> bool:
-    """Whether this anp_jax's ``train_and_evaluate`` takes ``schedule_overrides``."""
-    return _train_accepts_overrides()

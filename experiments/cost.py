@@ -45,7 +45,7 @@ def epoch_seconds(workdir: str) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__, DEFAULT_EPOCHS)
     p.add_argument("--methods", default="all", help="comma-separated methods (default: all)")
-    p.set_defaults(corruptions="", attacks="")
+    p.set_defaults(corruptions="", attacks="", autoattack="none")
     args, settings = common.parse(p, argv, "cost", DEFAULT_EPOCHS)
     if settings.epochs < 2:
         p.error("--epochs must be >= 2 (the first epoch, with compilation, is not timed)")
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "vanilla" not in methods:
         methods = ("vanilla", *methods)
     methods = tuple(sorted(methods, key=lambda m: m != "vanilla"))
-    base = common.variant(settings.base, checkpoint_every_steps=-1,
+    base = common.variant(settings.base, checkpoint_every_steps=-1, checkpoint_min_secs=0.0,
                           keep_checkpoints=settings.epochs + 1)
 
     runner = common.Runner(settings)

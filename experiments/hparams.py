@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alpha", default=DEFAULT_ALPHA,
                    help=f"alpha values (default {DEFAULT_ALPHA})")
     p.add_argument("--k", default=DEFAULT_K, help=f"k values (default {DEFAULT_K})")
-    p.add_argument("--alpha-k", type=int, default=None,
+    p.add_argument("--alpha_k", type=int, default=None,
                    help="k of the alpha sweep (default: the config's k, at least 3; alpha "
                         "only acts from the third progressive step on when the registers "
                         "are reset per mini-batch)")
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = (float(a.epsilon), float(a.alpha), int(a.k))
     alpha_k = args.alpha_k or max(3, default[2])
     if alpha_k < 1:
-        p.error("--alpha-k must be >= 1")
+        p.error("--alpha_k must be >= 1")
     runs = plan(grids, default, alpha_k)
 
     runner = common.Runner(settings)
@@ -121,7 +121,7 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
     for ax, key in zip(axes, ("eps", "alpha", "k")):
         i = ("eps", "alpha", "k").index(key)
         rows = []
-        xs, curves = [], {"clean": [], "PGD": [], "mean corruption": []}
+        xs, curves = [], {"clean": [], "robust": [], "mean corruption": []}
         for point in sweep_points(grids, default, key, alpha_k):
             name = anp_name(*point)
             if name not in runner.records:
@@ -130,15 +130,15 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
             ctrl = replay_name(point[2])
             rows.append([f"{point[i]:g}" + (" (default)" if point[i] == default[i] else ""),
                          *common.accuracy_columns(runner, name),
-                         common.fmt(runner.deltas(name, ctrl, "pgd"), signed=True),
+                         common.fmt(runner.deltas(name, ctrl, "robust"), signed=True),
                          common.fmt(runner.deltas(name, ctrl, "corruption"), signed=True),
                          common.fmt(runner.deltas(name, ctrl, "clean"), signed=True)])
             xs.append(point[i])
-            for label, metric in (("clean", "clean"), ("PGD", "pgd"),
+            for label, metric in (("clean", "clean"), ("robust", "robust"),
                                   ("mean corruption", "corruption")):
                 curves[label].append(common.mean_std(runner.values(name, metric)))
         sections += [f"### {key}", common.table(
-            [key, *common.ACCURACY_HEADER, "Δ PGD vs replay (same k)",
+            [key, *common.accuracy_header(runner), "Δ robust vs replay (same k)",
              "Δ corruption vs replay", "Δ clean vs replay"], rows)]
         for (label, stats), color in zip(curves.items(), ("C0", "C1", "C2")):
             if xs:
@@ -148,7 +148,7 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
         if key == "k":
             ks = [k for k in sorted(set(grids["k"]) | {default[2]})
                   if replay_name(k) in runner.records]
-            for (label, metric), color in zip((("clean", "clean"), ("PGD", "pgd"),
+            for (label, metric), color in zip((("clean", "clean"), ("robust", "robust"),
                                                ("mean corruption", "corruption")),
                                               ("C0", "C1", "C2")):
                 st = [common.mean_std(runner.values(replay_name(k), metric)) for k in ks]
@@ -156,7 +156,7 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
                             linestyle="--", capsize=3, color=color, alpha=0.6,
                             label=f"replay {label}")
         elif replay_name(xk := alpha_k if key == "alpha" else default[2]) in runner.records:
-            for metric, color in (("clean", "C0"), ("pgd", "C1"), ("corruption", "C2")):
+            for metric, color in (("clean", "C0"), ("robust", "C1"), ("corruption", "C2")):
                 m, _ = common.mean_std(runner.values(replay_name(xk), metric))
                 ax.axhline(m, color=color, linestyle="--", alpha=0.6)
         if key == "eps" and xs and min(xs) > 0:
@@ -173,7 +173,8 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
     plt.close(fig)
     ctrl_rows = [[f"`{n}`", *common.accuracy_columns(runner, n)]
                  for n in runner.records if n.startswith("replay")]
-    sections += ["### controls", common.table(["control", *common.ACCURACY_HEADER], ctrl_rows),
+    sections += ["### controls",
+                 common.table(["control", *common.accuracy_header(runner)], ctrl_rows),
                  common.masking_section(common.masking_notes(runner, list(runner.records),
                                                              settings))]
     common.write_results(settings, "Hyper-parameters", sections, runner.dump(),

@@ -21,11 +21,14 @@ DEFAULT_EPOCHS = 10
 
 
 def selections(points: Sequence[str]) -> list[tuple[str, str]]:
-    """``(run name, anp.layers)``: each single point, the shallow half, the deep half, all.
+    """``(run name, anp.layers)``: each single point, the hidden points (every point but
+    the input, when the model has an input point), the shallow half, the deep half, all.
     With an odd number of points the middle one goes to the shallow half."""
     n = len(points)
     shallow = (n + 1) // 2
     out = [(f"anp:{p}", p) for p in points]
+    if n > 2 and points[0] == "input":
+        out.append(("anp:hidden", f"deep {n - 1}"))
     out += [(f"anp:shallow {shallow}", f"shallow {shallow}"),
             (f"anp:deep {n - shallow}", f"deep {n - shallow}"),
             ("anp:all", "all")]
@@ -71,18 +74,18 @@ def report(runner: common.Runner, settings: common.Settings, points: Sequence[st
         layers = runner.records[name][next(iter(runner.records[name]))]["perturbed_layers"]
         rows.append([
             f"`{name}`", ", ".join(layers) or "none", *common.accuracy_columns(runner, name),
-            _d(runner, name, "vanilla", "pgd"), _d(runner, name, "replay", "pgd"),
+            _d(runner, name, "vanilla", "robust"), _d(runner, name, "replay", "robust"),
             _d(runner, name, "replay", "corruption"),
             _d(runner, name, "vanilla", "clean", negate=True),
         ])
-    header = ["run", "perturbed points", *common.ACCURACY_HEADER,
-              "PGD gain vs vanilla", "PGD gain vs replay", "corruption gain vs replay",
+    header = ["run", "perturbed points", *common.accuracy_header(runner),
+              "robust gain vs vanilla", "robust gain vs replay", "corruption gain vs replay",
               "clean cost vs vanilla"]
     n = len(points)
     shallow, deep = f"anp:shallow {(n + 1) // 2}", f"anp:deep {n - (n + 1) // 2}"
     lines = []
     if shallow in runner.records and deep in runner.records:
-        for key, what in (("pgd", "PGD accuracy"), ("corruption", "mean corruption accuracy"),
+        for key, what in (("robust", "robust accuracy"), ("corruption", "mean corruption accuracy"),
                           ("clean", "clean accuracy")):
             d = runner.deltas(shallow, deep, key)
             if d:
@@ -91,9 +94,9 @@ def report(runner: common.Runner, settings: common.Settings, points: Sequence[st
     singles = [(n_, lay) for n_, lay in sel if lay in points and n_ in runner.records]
     if singles:
         best = max(singles, key=lambda s: common.mean_std(runner.deltas(s[0], "replay",
-                                                                        "pgd"))[0])
-        lines.append(f"- single point with the largest PGD gain over replay: `{best[1]}` "
-                     f"({common.fmt(runner.deltas(best[0], 'replay', 'pgd'), signed=True)})")
+                                                                        "robust"))[0])
+        lines.append(f"- single point with the largest robust gain over replay: `{best[1]}` "
+                     f"({common.fmt(runner.deltas(best[0], 'replay', 'robust'), signed=True)})")
     sections = [
         "## ANP by perturbed layers (equal epochs)",
         f"Perturbation points of `{settings.base.model}`, shallow to deep: "
@@ -108,7 +111,7 @@ def report(runner: common.Runner, settings: common.Settings, points: Sequence[st
     labels = [n_ for n_ in names[2:] if n_ in runner.records]
     plots = []
     if "replay" in runner.records and labels:
-        series = {"PGD gain vs replay": [runner.deltas(x, "replay", "pgd") for x in labels],
+        series = {"robust gain vs replay": [runner.deltas(x, "replay", "robust") for x in labels],
                   "corruption gain vs replay": [runner.deltas(x, "replay", "corruption")
                                                 for x in labels],
                   "clean gain vs vanilla": [runner.deltas(x, "vanilla", "clean")
@@ -121,7 +124,7 @@ def report(runner: common.Runner, settings: common.Settings, points: Sequence[st
     acc_labels = [n_ for n_ in names if n_ in runner.records]
     common.bar_chart(os.path.join(settings.out, "accuracy.png"), acc_labels,
                      {k: [runner.values(x, key) for x in acc_labels]
-                      for k, key in (("clean", "clean"), ("PGD", "pgd"),
+                      for k, key in (("clean", "clean"), ("robust", "robust"),
                                      ("mean corruption", "corruption"))},
                      "accuracy", "Accuracy by perturbed layers")
     plots.append("accuracy.png")

@@ -66,14 +66,14 @@ def report(runner: common.Runner, settings: common.Settings, methods: Sequence[s
         ref = plain if m.startswith("anp_") and plain in runner.records else None
         rows.append([
             f"`{m}`", per_batch, *common.accuracy_columns(runner, m),
-            _delta(runner, m, "vanilla", "pgd"), _delta(runner, m, "replay", "pgd"),
+            _delta(runner, m, "vanilla", "robust"), _delta(runner, m, "replay", "robust"),
             _delta(runner, m, "replay", "corruption"),
-            _delta(runner, m, ref, "pgd") if ref else "",
+            _delta(runner, m, ref, "robust") if ref else "",
             common.fmt(runner.values(m, "train_seconds"), 1),
         ])
-    header = ["method", "updates / mini-batch", *common.ACCURACY_HEADER,
-              "Δ PGD vs vanilla", "Δ PGD vs replay", "Δ corruption vs replay",
-              "Δ PGD vs same AT without ANP", "train s (incl. compile)"]
+    header = ["method", "updates / mini-batch", *common.accuracy_header(runner),
+              "Δ robust vs vanilla", "Δ robust vs replay", "Δ corruption vs replay",
+              "Δ robust vs same AT without ANP", "train s (incl. compile)"]
     sections = [
         "## Accuracy by method (equal epochs)",
         common.table(header, rows),
@@ -86,7 +86,7 @@ def report(runner: common.Runner, settings: common.Settings, methods: Sequence[s
     ]
     labels = [m for m in methods if m in runner.records]
     series = {col: [runner.values(m, key) for m in labels]
-              for col, key in (("clean", "clean"), ("PGD", "pgd"),
+              for col, key in (("clean", "clean"), ("robust", "robust"),
                                ("mean corruption", "corruption"))}
     common.bar_chart(os.path.join(settings.out, "accuracy.png"), labels, series, "accuracy",
                      f"Accuracy by method ({settings.epochs} epochs, "
@@ -94,7 +94,7 @@ def report(runner: common.Runner, settings: common.Settings, methods: Sequence[s
     others = [m for m in labels if m != "replay"]
     if "replay" in runner.records:
         dseries = {label: [runner.deltas(m, "replay", key) for m in others]
-                   for label, key in (("clean", "clean"), ("PGD", "pgd"),
+                   for label, key in (("clean", "clean"), ("robust", "robust"),
                                       ("mean corruption", "corruption"))}
         common.bar_chart(os.path.join(settings.out, "delta.png"), others, dseries,
                          "accuracy minus replay's", "Gain over the replay control",
@@ -119,13 +119,13 @@ def findings(runner: common.Runner, methods: Sequence[str]) -> list[str]:
             d = runner.deltas(name, ref, key)
             out.append(f"- {text}: {common.fmt(d, signed=True)} ({common.verdict(d)})")
 
-    claim("ANP vs vanilla, PGD accuracy", "anp", "vanilla", "pgd")
-    claim("ANP vs replay, PGD accuracy (what the noise adds)", "anp", "replay", "pgd")
+    claim("ANP vs vanilla, robust accuracy", "anp", "vanilla", "robust")
+    claim("ANP vs replay, robust accuracy (what the noise adds)", "anp", "replay", "robust")
     claim("ANP vs vanilla, mean corruption accuracy", "anp", "vanilla", "corruption")
     claim("ANP vs replay, mean corruption accuracy", "anp", "replay", "corruption")
     claim("ANP vs vanilla, clean accuracy", "anp", "vanilla", "clean")
     for at in ("pgd_at", "trades", "fast_at", "free_at"):
-        claim(f"anp_{at} vs {at}, PGD accuracy", f"anp_{at}", at, "pgd")
+        claim(f"anp_{at} vs {at}, robust accuracy", f"anp_{at}", at, "robust")
         claim(f"anp_{at} vs {at}, mean corruption accuracy", f"anp_{at}", at, "corruption")
     return out or ["- (needs the runs of vanilla, replay and anp)"]
 

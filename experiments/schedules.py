@@ -71,11 +71,7 @@ def plan(base, epochs: int, warmup: float):
     out = [(name, cfg, None, make_schedules(cfg)["eps"], "anp") for name, cfg in anp.items()]
     user = user_eps_schedule(epochs, float(base.anp.epsilon))
     const = anp["constant"]
-    if common.train_accepts_overrides():
-        out.append(("user", const, {"eps": user}, user, "anp"))
-    else:
-        cfg = as_piecewise(const, user, epochs)
-        out.append(("user", cfg, None, make_schedules(cfg)["eps"], "anp"))
+    out.append(("user", const, {"eps": user}, user, "anp"))
     out += [
         ("vanilla", v(base, method="vanilla"), None, None, "control"),
         (f"replay k={base.anp.k}", v(base, method="replay", anp__schedule="constant"), None,
@@ -138,7 +134,7 @@ def report(runner: common.Runner, settings: common.Settings, runs, user) -> None
             ctrl = control_of(name, k)
             cells = [f"{eps.mean():.2f}", f"{ks.mean():.2f}"]
             deltas = [common.fmt(runner.deltas(name, ctrl, key), signed=True)
-                      for key in ("pgd", "corruption", "clean")]
+                      for key in ("robust", "corruption", "clean")]
         else:
             steps, batches = runner.values(name, "steps"), runner.values(name, "batches")
             cells = ["0", f"{steps[0] / batches[0]:.2f}" if steps else "n/a"]
@@ -149,8 +145,8 @@ def report(runner: common.Runner, settings: common.Settings, runs, user) -> None
                 " (function tabulated per epoch as piecewise)"
         rows.append([f"`{name}`{how}", *cells, *common.accuracy_columns(runner, name),
                      f"`{ctrl}`" if ctrl else "", *deltas])
-    header = ["schedule", "mean eps", "mean k", *common.ACCURACY_HEADER,
-              "control", "Δ PGD vs control", "Δ corruption vs control", "Δ clean vs control"]
+    header = ["schedule", "mean eps", "mean k", *common.accuracy_header(runner),
+              "control", "Δ robust vs control", "Δ corruption vs control", "Δ clean vs control"]
     sections = ["## Noise schedules (equal epochs)", common.table(header, rows),
                 "The user-written schedule (`experiments/schedules.py`):",
                 "```python\n" + _source(user_eps_schedule) + "```",
@@ -177,7 +173,7 @@ def report(runner: common.Runner, settings: common.Settings, runs, user) -> None
     labels = [r[0] for r in runs if r[0] in runner.records]
     common.bar_chart(os.path.join(settings.out, "accuracy.png"), labels,
                      {c: [runner.values(x, key) for x in labels]
-                      for c, key in (("clean", "clean"), ("PGD", "pgd"),
+                      for c, key in (("clean", "clean"), ("robust", "robust"),
                                      ("mean corruption", "corruption"))},
                      "accuracy", "Accuracy by noise schedule")
     common.write_results(settings, "Noise schedules", sections, runner.dump(),

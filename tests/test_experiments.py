@@ -19,7 +19,8 @@ if ROOT not in sys.path:
 # In-process runs: two of the eight fake devices (the CPU has two cores) and no persistent
 # compilation cache (a process-wide setting the other tests should not inherit).
 TINY = ["--seeds", "0", "--epochs", "1", "--attacks", "fgsm_linf_0.1,pgd2_linf_0.1",
-        "--corruptions", "gaussian_noise_3", "--set", "num_devices=2", "--no-compile-cache"]
+        "--corruptions", "gaussian_noise_3", "--config.num_devices=2", "--nocompile_cache",
+        "--autoattack", "none"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,7 +55,7 @@ def test_methods(data_dir, tmp_path):
     assert set(runs["anp"]["adversarial"]) == {"fgsm_linf_0.1", "pgd2_linf_0.1"}
     assert runs["anp"]["pgd"] == runs["anp"]["adversarial"]["pgd2_linf_0.1"]
     assert runs["anp"]["corruption"] == runs["anp"]["corruptions"]["gaussian_noise_3"]
-    assert "Δ PGD vs replay" in md and "ANP vs replay, PGD accuracy" in md
+    assert "Δ robust vs replay" in md and "ANP vs replay, robust accuracy" in md
     assert md.index("`vanilla`") < md.index("`replay`") < md.index("`anp`")
 
     # A second call finds every run done and trains nothing.
@@ -65,20 +66,48 @@ def test_methods(data_dir, tmp_path):
     assert [p.stat().st_mtime_ns for p in metrics] == stamps
 
 
+def test_autoattack_column(data_dir, tmp_path):
+    """The robust column is AutoAttack's worst case, named, and its evaluation is cached."""
+    from experiments import methods
+
+    out = tmp_path / "aa"
+    args = ["--out", str(out), "--seeds", "0", "--epochs", "1", "--attacks", "pgd2_linf_0.1",
+            "--corruptions", "none", "--config.num_devices=2", "--nocompile_cache",
+            "--autoattack", "quick", "--autoattack_examples", "32", "--methods", "vanilla"]
+    assert methods.main(args) == 0
+    data = json.loads((out / "results.json").read_text())
+    (run,) = data["runs"]
+    assert run["robust_attack"].startswith("AutoAttack quick preset")
+    assert run["robust"] == run["robust_budgets"]["linf_0.1"]
+    assert run["robust"] * 32 == pytest.approx(round(run["robust"] * 32))  # 32 images
+    saved = json.loads(next(out.glob("runs/*/evaluation.json")).read_text())
+    record = saved["report"]["robust_accuracy"]["linf_0.1"]
+    assert record["num_examples"] == 32 and record["accuracy"] == run["robust"]
+    md = (out / "results.md").read_text()
+    assert "AutoAttack quick on the first 32 test images" in md
+    assert "robust L-inf 0.1 (worst case, attack)" in md
+    evaluation = next(out.glob("runs/*/evaluation.json"))
+    stamp = evaluation.stat().st_mtime_ns
+    assert methods.main(args) == 0  # trained and evaluated: nothing is redone
+    assert evaluation.stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="--autoattack_budgets"):
+        methods.main([*args, "--autoattack_budgets", "linf"])
+
+
 def test_layers(data_dir, tmp_path):
     from experiments import layers
 
     assert layers.selections(("input", "conv1", "conv2", "fc1")) == [
         ("anp:input", "input"), ("anp:conv1", "conv1"), ("anp:conv2", "conv2"),
-        ("anp:fc1", "fc1"), ("anp:shallow 2", "shallow 2"), ("anp:deep 2", "deep 2"),
-        ("anp:all", "all")]
+        ("anp:fc1", "fc1"), ("anp:hidden", "deep 3"), ("anp:shallow 2", "shallow 2"),
+        ("anp:deep 2", "deep 2"), ("anp:all", "all")]
     assert layers.selections(("a", "b", "c"))[3:5] == [("anp:shallow 2", "shallow 2"),
                                                        ("anp:deep 1", "deep 1")]
     out = tmp_path / "layers"
     assert layers.main(["--out", str(out), *TINY, "--points", "conv1"]) == 0
     md, data = _outputs(out, ["gain.png", "accuracy.png"])
     assert _names(data) == {"vanilla", "replay", "anp:conv1", "anp:shallow 2", "anp:deep 2",
-                            "anp:all"}
+                            "anp:all", "anp:hidden"}
     runs = {r["name"]: r for r in data["runs"]}
     assert runs["anp:shallow 2"]["perturbed_layers"] == ["input", "conv1"]
     assert runs["anp:deep 2"]["perturbed_layers"] == ["conv2", "fc1"]
@@ -97,7 +126,7 @@ def test_hparams(data_dir, tmp_path):
         (1.0, 0.5, 2), (0.5, 0.5, 2), (1.0, 0.0, 3), (1.0, 0.5, 3), (1.0, 0.5, 1)]
     out = tmp_path / "hparams"
     args = ["--out", str(out), *TINY, "--eps", "0.5", "--alpha", "0.5", "--k", "2",
-            "--alpha-k", "2"]
+            "--alpha_k", "2"]
     assert hparams.main(args) == 0
     md, data = _outputs(out, ["sweeps.png"])
     assert _names(data) == {"replay k=2", "anp eps=1 alpha=0.5 k=2", "anp eps=0.5 alpha=0.5 k=2"}
@@ -153,12 +182,13 @@ def test_common_helpers():
     assert common.fmt([]) == "n/a"
     assert common.verdict([0.1, 0.11, 0.09, 0.1, 0.1]) == "higher"
     assert common.verdict([0.1, -0.1, 0.05, -0.05]) == "within spread"
-    config = common.load_config(None)
-    common.apply_override(config, "anp.epsilon=2.5")
-    common.apply_override(config, "anp.layers=shallow 2")
+    p = common.parser("doc", 10)
+    _, config, _ = p.parse_args(["--out", "x", "--config.anp.epsilon=2.5",
+                                 "--config.anp.layers=shallow 2"], "prog")
     assert config.anp.epsilon == 2.5 and config.anp.layers == "shallow 2"
-    with pytest.raises(SystemExit):
-        common.apply_override(config, "anp.nonsense=1")
+    with pytest.raises(SystemExit, match="anp.nonsense"):
+        p.parse_args(["--out", "x", "--config.anp.nonsense=1"], "prog")
+    config = common.load_config(None)
     assert len(common.corruption_ids("all", config)) == 19
     assert common.corruption_ids("all:5", config)[0] == "gaussian_noise_5"
     assert common.corruption_ids("config", config) == tuple(config.eval.corruptions)

@@ -6,7 +6,8 @@ Run it with ``anp-jax train --workdir=DIR``; change any field with
 
 A run resumed in the same workdir must have the same config, except for the fields that
 do not change the trained model: ``eval.*``, ``eval_every_epochs``, ``log_every_steps``,
-``tensorboard``, ``checkpoint_every_steps``, ``keep_checkpoints``, ``prefetch_batches``,
+``tensorboard``, ``checkpoint_every_steps``, ``checkpoint_min_secs``, ``keep_checkpoints``,
+``prefetch_batches``,
 ``data_dir``, ``download``, and ``num_epochs`` when it grows and the schedules of the epochs
 already trained stay the same (``anp_jax.trainer.RESUMABLE_FIELDS``).
 """
@@ -95,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
     # gradients inside loops slowly); otherwise one lax.fori_loop over a traced k.
     config.unroll_k = "auto"
     config.checkpoint_every_steps = -1  # mini-batches between checkpoints; -1: every epoch
+    # with checkpoint_every_steps=-1: an epoch's checkpoint is skipped if the last one is
+    # younger than this (short epochs would spend much of their time saving); the last
+    # mini-batch and a stop signal always save; 0: every epoch
+    config.checkpoint_min_secs = 60.0
     config.keep_checkpoints = 3  # checkpoints kept (the newest)
     # learning curves: a train row (loss, accuracy, noise norm, eps, alpha, k, lr) every
     # this many mini-batches and at the end of every epoch, in metrics.jsonl and TensorBoard

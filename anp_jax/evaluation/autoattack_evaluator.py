@@ -136,7 +136,7 @@ class Evaluator:
                     parts[0], runs, self.tolerance)
                 self.sanity = {
                     "norm": norm, "eps": eps, "num_examples": k,
-                    "subset": f"the first {k} test examples at the largest AutoAttack budget",
+                    "subset": f"the first {k} test examples at the last AutoAttack budget",
                     "reported_on_subset": parts[0]["robust_accuracy"],
                     "runs": {name: {"robust_accuracy": r["robust_accuracy"],
                                     "seconds": r["seconds"]["total"],
