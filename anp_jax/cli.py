@@ -189,6 +189,8 @@ def _define_common(fv, workdir: bool = True) -> None:
                       flag_values=fv)
     flags.DEFINE_string("compile_cache_dir", "", f"its directory (default ${CACHE_ENV} or "
                         "~/.cache/anp-jax/jax)", flag_values=fv)
+    flags.DEFINE_bool("tune_malloc", True, "glibc: keep XLA:CPU's per-step temporaries in "
+                      "the heap instead of mapping fresh pages at every step", flag_values=fv)
 
 
 def _define_train(fv) -> None:
@@ -295,6 +297,26 @@ def setup_compile_cache(enabled: bool = True, directory: str = "") -> str | None
     return directory
 
 
+def keep_freed_memory(enabled: bool = True) -> bool:
+    """Serves large host allocations from the heap and keeps freed memory (glibc ``mallopt``:
+    no ``mmap`` for large blocks, trim above 1 GiB).  XLA:CPU allocates each step's
+    temporaries afresh; above glibc's 32 MiB mmap ceiling every step maps new pages and
+    faults them in, which made the two-update steps of ANP and replay 4-9% slower per update
+    than plain training on VGG-11 (benchmarks/RESULTS.md).  Process-wide, so only the
+    command lines call it (``--notune_malloc`` leaves the allocator alone).  Returns whether
+    it took effect (glibc only)."""
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def _quiet_python_logs() -> None:
     from absl import logging
 
@@ -332,6 +354,7 @@ def _train(argv: list[str]) -> int:
         return int(exit_.code or 0)
     _quiet_python_logs()
     setup_compile_cache(fv.compile_cache, fv.compile_cache_dir)
+    keep_freed_memory(fv.tune_malloc)
     from anp_jax import checkpoint as ckpt_lib
     from anp_jax import data as data_lib
     from anp_jax import trainer
@@ -377,6 +400,7 @@ def _eval(argv: list[str]) -> int:
         return 2
     _quiet_python_logs()
     setup_compile_cache(fv.compile_cache, fv.compile_cache_dir)
+    keep_freed_memory(fv.tune_malloc)
     from anp_jax import report
 
     rest = [f"--workdir={fv.workdir}"]

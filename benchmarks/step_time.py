@@ -531,6 +531,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s, for MFU")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--no-tune-malloc", action="store_true",
+                   help="leave glibc's allocator alone (default: what anp-jax's command lines "
+                        "do, anp_jax.cli.keep_freed_memory)")
     args = p.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         p.error("--batch must be >= 1")
@@ -932,7 +935,10 @@ def markdown(result: dict[str, Any]) -> str:
              f"machine: {device['description']}, jax {device['jax']}; load average "
              f"{os.getloadavg()[0]:.1f} at the end of the run"
              + (f"; the whole run took {result['run_seconds']:.0f} s"
-                if "run_seconds" in result else "") + ".", ""]
+                if "run_seconds" in result else "")
+             + ("; large host allocations from the heap (`anp_jax.cli.keep_freed_memory`, "
+                "as anp-jax's command lines)" if result.get("heap_allocator") else "")
+             + ".", ""]
     for r in models:
         lines += _md_table(r) + [""]
     t = result.get("trainer")
@@ -978,7 +984,10 @@ def write_markdown(path: str, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from anp_jax import cli
+
     args = parse_args(argv)
+    heap = cli.keep_freed_memory(not args.no_tune_malloc)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     command = ("python -m benchmarks.step_time " + " ".join(
@@ -999,6 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["trainer"] = trainer_comparison(args.trainer_epochs, log)
         print(format_trainer(result["trainer"]))
     result["run_seconds"] = time.perf_counter() - start
+    result["heap_allocator"] = heap
     if args.suite:
         for r in result["models"]:
             print(format_table(r))

@@ -262,6 +262,7 @@ def parse(p: Parser, argv: Sequence[str] | None, script: str,
     plan = evaluation_plan(args, config, pgd)
     os.makedirs(args.out, exist_ok=True)
     cli.setup_compile_cache(fv.compile_cache, fv.compile_cache_dir)
+    cli.keep_freed_memory(fv.tune_malloc)
     command = "python -m experiments." + script + (" " + shlex.join(argv) if argv else "")
     return args, Settings(script=script, out=args.out, seeds=seeds, epochs=epochs, base=config,
                           config_path=config_path, rerun=args.rerun,
