@@ -145,3 +145,9 @@ def test_shared_parser_takes_extra_flags():
     assert fv.seeds == 2 and config.anp.k == 3 and config.num_epochs == 30
     with pytest.raises(cli.UsageError, match="did you mean 'batch_size'"):
         cli.parse_config_flags(["--config.batchsize=3"], extra, require_workdir=False)
+
+
+def test_keep_freed_memory_is_glibcs_and_optional():
+    assert cli.keep_freed_memory(False) is False  # --notune_malloc: the allocator untouched
+    if sys.platform.startswith("linux"):  # glibc's mallopt accepts both settings
+        assert cli.keep_freed_memory(True) is True
