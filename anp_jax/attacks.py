@@ -267,17 +267,8 @@ def mi_fgsm(
     return x_adv
 
 
-def apgd_ce(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    eps: Scalar,
-    *,
-    rng: jax.Array,
-    num_steps: int = 10,
-    norm: str = "linf",
-    rho: float = 0.75,
-) -> jax.Array:
+def apgd_ce(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eps: Scalar, *, rng: jax.Array,
+            num_steps: int = 10, norm: str = "linf", rho: float = 0.75) -> jax.Array:
     """APGD on the cross-entropy (Croce & Hein 2020): the highest-loss point of
     :func:`anp_jax.evaluation.autoattack.apgd` (see there), ``[B, H, W, C]``."""
     from anp_jax.evaluation import autoattack

@@ -1206,15 +1206,8 @@ def _water_kernel(
 
 
 @jax.jit
-def _mud_kernel(
-    x: jax.Array,
-    rng: jax.Array,
-    loc: float,
-    scale: float,
-    taps: jax.Array,
-    threshold: float,
-    mask_taps: jax.Array,
-) -> jax.Array:
+def _mud_kernel(x: jax.Array, rng: jax.Array, loc: float, scale: float, taps: jax.Array,
+                threshold: float, mask_taps: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     liquid = _liquid_layer(rng, b, _base_shape(h, w), loc, scale, taps)
     m = _blur((liquid > threshold).astype(jnp.float32)[..., None], mask_taps)[..., 0]

@@ -690,7 +690,9 @@ class _Run:
         def due(checkpoint: bool, final: bool) -> bool:
             """Whether to save now: every interval, epoch checkpoints no more often than
             ``checkpoint_min_secs`` (process 0's clock decides for every process)."""
-            if final or not checkpoint or not self.checkpoint_min_secs:
+            if final:
+                return True
+            if not checkpoint or not self.checkpoint_min_secs:
                 return checkpoint
             wanted = time.perf_counter() - last_save >= self.checkpoint_min_secs
             if self.process_count > 1:

@@ -101,12 +101,16 @@ def test_allowed_changes_resume(finished_run, tmp_path):
     assert stored["num_epochs"] == 2 and stored["log_every_steps"] == 7
 
 
-@pytest.mark.parametrize("secs, saved", [(1e6, [132]), (0.0, [44, 88, 132])])
-def test_epoch_checkpoints_at_most_every_min_secs(data_dir, tmp_path, secs, saved):
-    """Epoch checkpoints younger than checkpoint_min_secs are skipped; the end is saved."""
+@pytest.mark.parametrize("epochs, secs, saved", [(3, 1e6, [132]), (3, 0.0, [44, 88, 132]),
+                                                  (1.5, 0.0, [44, 66]), (1.5, 1e6, [66])])
+def test_epoch_checkpoints_at_most_every_min_secs(data_dir, tmp_path, epochs, secs, saved):
+    """Epoch checkpoints younger than checkpoint_min_secs are skipped; the end is saved,
+    on an epoch boundary or not."""
     workdir = tmp_path / "run"
-    trainer.train_and_evaluate(_config(epochs=3, keep_checkpoints=5, checkpoint_min_secs=secs),
-                               str(workdir), **QUIET)
+    config = _config(epochs=3, keep_checkpoints=5, checkpoint_min_secs=secs)
+    with config.ignore_type():
+        config.num_epochs = epochs
+    trainer.train_and_evaluate(config, str(workdir), **QUIET)
     mngr = checkpoint.manager(str(workdir / "checkpoints"))
     assert sorted(mngr.all_steps()) == saved
 

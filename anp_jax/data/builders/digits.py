@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from anp_jax.data.builders.common import image_classification_info
+
 # A fixed, stratified split: 20% of every class goes to the test split.
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -33,16 +35,10 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="scikit-learn's bundled 8x8 handwritten digits.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(8, 8, 1)),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }),
-            supervised_keys=("image", "label"),
-            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
-        )
+        return image_classification_info(
+            self, "scikit-learn's bundled 8x8 handwritten digits.", (8, 8, 1),
+            tfds.features.ClassLabel(num_classes=10),
+            "https://scikit-learn.org/stable/datasets/toy_dataset.html")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # Nothing to download: the data ship with scikit-learn.

@@ -18,6 +18,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from anp_jax.data.builders.common import image_classification_info
+
 # Where Debian's ``dataset-fashion-mnist`` puts the files; searched after the manual dir.
 SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 
@@ -129,16 +131,10 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Fashion-MNIST: 28x28 grey-scale images of 10 clothing classes.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=IMAGE_SHAPE + (1,)),
-                "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-            }),
-            supervised_keys=("image", "label"),
-            homepage="https://github.com/zalandoresearch/fashion-mnist",
-        )
+        return image_classification_info(
+            self, "Fashion-MNIST: 28x28 grey-scale images of 10 clothing classes.",
+            IMAGE_SHAPE + (1,), tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+            "https://github.com/zalandoresearch/fashion-mnist")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         # TFDS's manual dir (``<data_dir>/downloads/manual``), then Debian's location.
