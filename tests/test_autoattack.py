@@ -165,6 +165,23 @@ def test_hyperplane_projection_with_the_box_matches_bisection(norm):
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_hyperplane_projection_out_of_reach_is_the_box_corner(norm):
+    """Where no point of the box reaches ``w . d = r``, the closest is the corner that
+    pushes every coordinate to its side in the direction of ``sign(r) w``."""
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0, 1, size=(6, 10))
+    w = rng.normal(size=(6, 10))
+    w[:, 0] = 0.0  # a coordinate the hyperplane does not see stays put
+    sign = np.where(np.arange(6) % 2, -1.0, 1.0)
+    r = sign * (np.abs(w).sum(-1) + 1.0)  # beyond |w| . 1 >= any reachable w . d
+    d = np.asarray(aa.project_on_hyperplane(jnp.asarray(w), jnp.asarray(r), jnp.asarray(-p),
+                                            jnp.asarray(1 - p), norm))
+    s_w = sign[:, None] * w
+    corner = np.where(s_w > 0, 1 - p, np.where(s_w < 0, -p, 0.0))
+    np.testing.assert_allclose(d, corner, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_finds_the_closed_form_minimal_perturbation_of_a_linear_classifier(norm):
     # Classes other than y and t get bias -100, so only the t-vs-y boundary matters.
     fn, w, b, x, y = _linear_model(5, classes=4, batch=16)
