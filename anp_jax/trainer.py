@@ -83,6 +83,9 @@ TRAIN_COLUMNS = ("step", "epoch", "train_loss", "train_accuracy", "noise_norm", 
 EVAL_COLUMNS = ("step", "epoch", "eval_clean_accuracy", "eval_robust_accuracy")
 LOG_COLUMNS = TRAIN_COLUMNS + EVAL_COLUMNS[2:]
 
+# Learning-curve rows reach metrics.jsonl and the event files at least this often (seconds).
+_FLUSH_SECS = 30.0
+
 # Exit statuses of a run stopped by a signal (the shell's 128 + signal number).
 EXIT_STATUS = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -682,7 +685,7 @@ class _Run:
         pending_from = self.start  # first mini-batch whose metrics are still in the buffer
         t0 = time.perf_counter()
         epoch_t0 = t0
-        last_save = t0
+        last_save = last_flush = t0
         last_hp: dict[str, float] = {}
         state = self.state
         eval_every = self.config.get("eval_every_epochs", 0)
@@ -782,8 +785,13 @@ class _Run:
                         self.loop["curve_eval_seconds"] = \
                             self.loop.get("curve_eval_seconds", 0.0) + spent
                         t0 += spent
-                if writer is not None:
+                # Every flush rewrites metrics.jsonl (a few requests on a bucket): at
+                # checkpoints, so that the rows a resumed run keeps are on disk, and at most
+                # every _FLUSH_SECS in between; the end and a stop close the writer.
+                if writer is not None and (checkpoint or
+                                           time.perf_counter() - last_flush >= _FLUSH_SECS):
                     writer.flush()
+                    last_flush = time.perf_counter()
                 if checkpoint and self.mngr is not None:
                     self.loop["train_seconds"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
