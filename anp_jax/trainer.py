@@ -706,10 +706,9 @@ class _Run:
 
         def fetch(upto: int) -> None:
             """Reads the buffer's metrics of mini-batches ``pending_from .. upto - 1``."""
-            nonlocal pending_from
+            nonlocal pending_from, last_hp
             if upto == pending_from:
                 return
-            nonlocal last_hp
             values = np.asarray(ckpt_lib.first_replica(buffer), np.float64)
             n = len(_STEP_METRICS)
             last_hp = dict(zip(self.hp_names, values[n:, (upto - 1) % self.buffer_len]))
