@@ -16,7 +16,11 @@ workdir already holds the metrics of the same config is not trained again, and i
 evaluation (``evaluation.json``) is reused while the plan is the same (pass ``--rerun`` to
 do everything afresh), so an interrupted script picks up where it stopped.  Workdirs are
 ``STORE/seedS-HASH`` (``STORE``: ``--store``, default ``DIR/runs``; ``HASH``: of the config),
-so scripts given the same ``--store`` share the runs they have in common.
+so scripts given the same ``--store`` share the runs they have in common.  Every finished
+run's figures are also kept in ``DIR/ledger.json`` (keyed by the config's and the plan's
+hashes), so a script given the same ``--out`` on another machine, without the store (a
+study's ``DIR`` can be committed, the workdirs with their checkpoints need not be), reuses
+them instead of training and evaluating again.
 
 Headline numbers of a run: clean accuracy; the reported robust accuracy per budget (the
 per-example worst case over the attacks run there: AutoAttack where it ran), with the
@@ -299,6 +303,10 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Runner:
     """Trains and evaluates configs, one workdir per (run name, seed); collects the records.
 
@@ -311,6 +319,17 @@ class Runner:
         self.settings = settings
         self.records: dict[str, dict[int, dict]] = {}
         self.meta: dict[str, dict] = {}
+        self.ledger_path = os.path.join(settings.out, "ledger.json")
+        self.ledger: dict[str, dict] = {}
+        if os.path.exists(self.ledger_path):
+            try:
+                with open(self.ledger_path) as f:
+                    self.ledger = json.load(f)["runs"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise SystemExit(f"error: {self.ledger_path} is not a ledger of runs; move "
+                                 "it away to start afresh") from None
+        plan = None if settings.plan is None else _jsonable(dataclasses.asdict(settings.plan))
+        self.plan_digest = _digest(plan)
 
     def run(self, name: str, config, seed: int, *, schedule_overrides: Mapping | None = None,
             **meta) -> dict:
@@ -320,8 +339,16 @@ class Runner:
         key = {"config": _jsonable(config.to_dict()),
                "schedule_overrides": {k: _describe(v)
                                       for k, v in (schedule_overrides or {}).items()}}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        digest = _digest(key)
         workdir = os.path.join(self.settings.store, f"seed{seed}-{digest}")
+        entry = f"seed{seed}-{digest}/{self.plan_digest}"
+        if not self.settings.rerun and entry in self.ledger:
+            record = self.ledger[entry]
+            self.records.setdefault(name, {})[seed] = record
+            self.meta.setdefault(name, dict(meta))
+            log(f"[{self.settings.script}] {name} seed {seed}: clean {record['clean']:.3f}  "
+                f"robust {fmt_num(record['robust'])} (ledger)")
+            return record
         key_path = os.path.join(workdir, "experiment.json")
         metrics_path = os.path.join(workdir, "metrics.json")
         metrics = None
@@ -357,6 +384,8 @@ class Runner:
         record["workdir"] = workdir
         self.records.setdefault(name, {})[seed] = record
         self.meta.setdefault(name, dict(meta))
+        self.ledger[entry] = _jsonable(record)
+        io_lib.write_json_atomic(self.ledger_path, {"runs": self.ledger}, indent=1)
         log(f"[{self.settings.script}] {name} seed {seed}: clean {record['clean']:.3f}  "
             f"robust {fmt_num(record['robust'])} ({record['robust_attack']})  "
             f"pgd {fmt_num(record['pgd'])}  corruption {fmt_num(record['corruption'])}  "

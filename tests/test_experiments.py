@@ -65,6 +65,17 @@ def test_methods(data_dir, tmp_path):
     assert methods.main(args) == 0
     assert [p.stat().st_mtime_ns for p in metrics] == stamps
 
+    # Without the store (another machine, a committed results directory) the ledger's
+    # figures are reused: nothing is trained and the tables come out the same.
+    import shutil
+
+    shutil.rmtree(out / "runs")
+    assert methods.main(args) == 0
+    assert not (out / "runs").exists()
+    again = json.loads((out / "results.json").read_text())
+    assert {(r["name"], r["clean"], r["pgd"]) for r in again["runs"]} == \
+        {(r["name"], r["clean"], r["pgd"]) for r in data["runs"]}
+
 
 def test_autoattack_column(data_dir, tmp_path):
     """The robust column is AutoAttack's worst case, named, and its evaluation is cached."""
