@@ -129,10 +129,12 @@ def test_resnet_points_come_before_batchnorm():
     ((2, 9, 7, 1), (5, 5, 1, 6), "SAME"),     # LeNet's first layer (odd sizes)
     ((2, 6, 6, 3), (3, 3, 3, 8), "VALID"),
     ((2, 6, 5, 2), (3, 3, 2, 4), ((2, 0), (1, 3))),
+    ((2, 6, 5, 1), (3, 3, 1, 4), ((2, 0), (1, 3))),  # one channel, uneven padding
 ])
 def test_first_layer_conv_matches_lax_values_and_gradients(shape, kernel, padding):
-    """The first layer's convolution: XLA's values and kernel gradient, and an input
-    gradient equal to that of ``lax.conv_general_dilated`` (to float32 round-off)."""
+    """The first layer's convolution: values, input and kernel gradients equal to those of
+    ``lax.conv_general_dilated`` (to float32 round-off), in and out of ``jit``, for batches
+    the forward pass splits into its loop's chunks (4, 2) and for one it cannot (3)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
@@ -144,12 +146,15 @@ def test_first_layer_conv_matches_lax_values_and_gradients(shape, kernel, paddin
     def new(x, w):
         return first_layer_conv(x, w, (1, 1), padding, dimension_numbers=dims)
 
-    y_ref, vjp_ref = jax.vjp(ref, x, w)
-    y_new, vjp_new = jax.jit(lambda x, w: jax.vjp(new, x, w))(x, w)
-    np.testing.assert_array_equal(y_new, y_ref)
-    g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
-    for got, want in zip(vjp_new(g), vjp_ref(g)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for batch in (4, 2, 3):
+        xb = jnp.concatenate([x, -x, 2 * x])[:batch]
+        y_ref, vjp_ref = jax.vjp(ref, xb, w)
+        for wrap in (jax.jit, lambda f: f):
+            y_new, vjp_new = wrap(lambda x, w: jax.vjp(new, x, w))(xb, w)
+            np.testing.assert_allclose(y_new, y_ref, rtol=1e-5, atol=1e-5)
+            g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+            for got, want in zip(vjp_new(g), vjp_ref(g)):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_max_pool_matches_flax_values_and_gradients():
