@@ -7,7 +7,8 @@ ANP's hidden-layer noise is added on top, in the same forward pass, whatever the
 adversary.  Attacks during training see the model in training mode (batch statistics,
 no running-average update) and without ANP noise.
 
-Budgets are in the data's [0, 1] pixel scale, L-infinity.
+Budgets are in the data's [0, 1] pixel scale, L-infinity (the methods' own) or L2 (each
+method with its steps along the normalised gradient, projected onto the L2 ball).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from anp_jax import attacks
+
 KINDS = ("pgd", "trades", "fast", "free")
+NORMS = ("linf", "l2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +36,14 @@ class Adversary:
         random start, step 1.25 * epsilon), ``"free"`` (Shafahi et al.: the input
         perturbation is updated with the input gradient of every replay's own backward
         pass and carried over to the next mini-batch).
-      epsilon: L-infinity budget in pixel units.
+      epsilon: budget in pixel units, in ``norm``.
       step_size: attack step (PGD, TRADES); Fast-AT uses 1.25 * epsilon, Free-AT epsilon.
       steps: attack steps (PGD, TRADES).
       beta: TRADES' weight of the robustness (KL) term.
+      norm: ``"linf"`` (steps along the gradient's sign, random starts uniform in the cube)
+        or ``"l2"`` (steps along ``g / ||g||_2``, random starts uniform in the L2 ball,
+        TRADES' start as in L-inf); every iterate is projected onto the ball and [0, 1].
+        Fast-AT in L2 is single-step L2 adversarial training from a random start.
     """
 
     kind: str
@@ -43,10 +51,14 @@ class Adversary:
     step_size: float
     steps: int = 7
     beta: float = 6.0
+    norm: str = "linf"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown adversary {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown adversary norm {self.norm!r}; choose from "
+                             f"{', '.join(NORMS)}")
 
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -96,24 +108,36 @@ def adversarial_inputs(adv: Adversary | None, fn: LogitsFn, x: jax.Array, y: jax
 
         step, steps = adv.step_size, adv.steps
     else:
-        start = x + jax.random.uniform(rng, x.shape, x.dtype, -eps, eps)
+        start = (x + jax.random.uniform(rng, x.shape, x.dtype, -eps, eps)
+                 if adv.norm == "linf" else attacks.uniform_start(rng, x, eps, "l2"))
 
         def objective(z: jax.Array) -> jax.Array:
             return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(fn(z), y))
 
         step, steps = ((1.25 * eps, 1) if adv.kind == "fast" else (adv.step_size, adv.steps))
     grad = jax.grad(objective)
+    if adv.norm == "linf":
+        def project(z: jax.Array) -> jax.Array:
+            return _project(z, x, eps)
+    else:
+        def project(z: jax.Array) -> jax.Array:
+            return attacks.project(z, x, eps, "l2")
 
     def body(i, z: jax.Array) -> jax.Array:
         del i
-        return _project(z + step * jnp.sign(grad(z)), x, eps)
+        return project(z + step * attacks.ascent_direction(grad(z), adv.norm))
 
-    return jax.lax.stop_gradient(_loop(steps, body, _project(start, x, eps), unroll))
+    return jax.lax.stop_gradient(_loop(steps, body, project(start), unroll))
 
 
 def update_free_delta(adv: Adversary | None, delta: jax.Array, input_grad: jax.Array
                       ) -> jax.Array:
-    """Free-AT: ``delta <- clip(delta + eps * sign(dloss/dx), -eps, eps)``; else unchanged."""
+    """Free-AT: ``delta <- clip(delta + eps * sign(dloss/dx), -eps, eps)`` (L2: ``delta +
+    eps g / ||g||_2`` projected onto the ball); else unchanged."""
     if adv is None or adv.kind != "free":
         return delta
+    if adv.norm == "l2":
+        moved = delta + adv.epsilon * attacks.ascent_direction(input_grad, "l2")
+        return moved * jnp.minimum(1.0, adv.epsilon / (attacks.per_example_norm(moved)
+                                                       + 1e-12))
     return jnp.clip(delta + adv.epsilon * jnp.sign(input_grad), -adv.epsilon, adv.epsilon)

@@ -145,6 +145,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.adv.epsilon >= 0, "adv.epsilon", "must be >= 0")
     need(config.adv.steps >= 1, "adv.steps", "must be >= 1")
     need(config.adv.replays >= 1, "adv.replays", "must be >= 1")
+    need(config.adv.get("norm", "linf") in ("linf", "l2"), "adv.norm", "choose from linf, l2")
     need(config.num_epochs > 0, "num_epochs", "must be > 0")
     need(config.batch_size > 0, "batch_size", "must be > 0")
     need(config.learning_rate > 0, "learning_rate", "must be > 0")
@@ -275,7 +276,7 @@ def make_adversary(config: ml_collections.ConfigDict) -> Adversary | None:
     if kind is None:
         return None
     a = config.adv
-    return Adversary(kind, a.epsilon, a.step_size, a.steps, a.beta)
+    return Adversary(kind, a.epsilon, a.step_size, a.steps, a.beta, a.get("norm", "linf"))
 
 
 def selected_layers(config: ml_collections.ConfigDict, points: tuple[str, ...]) -> tuple[str, ...]:

@@ -303,6 +303,24 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+# Config fields added after runs were cached, with the value that behaves as before they
+# existed: at that value a field is left out of the run's hash, so adding it does not make
+# the finished runs (their workdirs and ledger entries) unrecognisable.
+_LATER_FIELDS = {("adv", "norm"): "linf"}
+
+
+def _hashed_fields(config: dict) -> dict:
+    out = json.loads(json.dumps(config))
+    for path, neutral in _LATER_FIELDS.items():
+        *parents, leaf = path
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        if node.get(leaf, neutral) == neutral:
+            node.pop(leaf, None)
+    return out
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -336,7 +354,7 @@ class Runner:
         from anp_jax.trainer import train_and_evaluate
 
         config = variant(config, seed=seed)
-        key = {"config": _jsonable(config.to_dict()),
+        key = {"config": _hashed_fields(_jsonable(config.to_dict())),
                "schedule_overrides": {k: _describe(v)
                                       for k, v in (schedule_overrides or {}).items()}}
         digest = _digest(key)

@@ -54,6 +54,57 @@ def test_attack_inputs_stay_in_budget_and_raise_the_loss(setup, kind):
             _ce(model, state.params, batch["image"], batch["label"])
 
 
+@pytest.mark.parametrize("kind", ["pgd", "fast", "trades"])
+def test_l2_attack_inputs_stay_in_the_l2_ball_and_raise_the_loss(setup, kind):
+    model, batch, state, _ = setup
+    eps = 0.5
+    adv = Adversary(kind, eps, eps / 4, steps=5, norm="l2")
+    fn = functools.partial(model.apply, {"params": state.params})
+    x = batch["image"]
+    x_adv = jax.jit(lambda r: adversarial.adversarial_inputs(
+        adv, fn, x, batch["label"], jnp.zeros_like(x), r, unroll=True))(jax.random.PRNGKey(1))
+    norms = np.sqrt(np.sum(np.square(np.asarray(x_adv - x)), axis=(1, 2, 3)))
+    assert norms.max() <= eps + 1e-5
+    assert float(jnp.max(jnp.abs(x_adv - x))) > 0.1  # not an L-inf 0.1 attack
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    if kind == "trades":
+        assert float(adversarial.kl_divergence(fn(x), fn(x_adv)).mean()) > 1e-6
+    else:
+        assert _ce(model, state.params, x_adv, batch["label"]) > \
+            _ce(model, state.params, x, batch["label"])
+
+
+def test_l2_pgd_on_a_linear_model_reaches_the_closed_form_worst_case():
+    """Two classes, logits ``x W``: the cross-entropy's input gradient points along
+    ``w_other - w_label`` everywhere, so the worst L2 perturbation of norm eps (far from the
+    box's faces) is ``eps (w_other - w_label) / ||w_other - w_label||``."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(64, 2)), jnp.float32)
+    x = jnp.full((4, 8, 8, 1), 0.5, jnp.float32)
+    y = jnp.asarray([0, 1, 0, 1], jnp.int32)
+    eps = 0.3
+    adv = Adversary("pgd", eps, eps / 2, steps=40, norm="l2")
+    x_adv = adversarial.adversarial_inputs(adv, lambda z: z.reshape(4, -1) @ w, x, y,
+                                           jnp.zeros_like(x), jax.random.PRNGKey(0), True)
+    d = np.asarray(w[:, 1] - w[:, 0])
+    for i, label in enumerate([0, 1, 0, 1]):
+        direction = d if label == 0 else -d
+        want = 0.5 + eps * direction / np.linalg.norm(direction)
+        np.testing.assert_allclose(np.asarray(x_adv[i]).reshape(-1), want, atol=1e-4)
+
+
+def test_free_at_l2_delta_is_the_normalised_gradient(setup):
+    model, batch, state, _ = setup
+    eps = 0.5
+    step = jax.jit(functools.partial(train.train_step, static_k=1,
+                                     adversary=Adversary("free", eps, eps, norm="l2")))
+    new, _ = step(state, batch, dict(HP, k=np.int32(1)))
+    g = np.asarray(jax.grad(lambda x: _ce(model, state.params, x, batch["label"]))(
+        batch["image"]))
+    want = eps * g / np.sqrt(np.sum(g ** 2, axis=(1, 2, 3), keepdims=True))
+    np.testing.assert_allclose(np.asarray(new.adv_delta), want, rtol=1e-4, atol=1e-6)
+
+
 def test_free_at_delta_follows_the_input_gradient(setup):
     """First replay: delta = eps * sign(dloss/dx) at the clean batch (delta starts at 0)."""
     model, batch, state, _ = setup

@@ -74,8 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.anp.alpha_values = (0.0, 0.5, 0.0)  # "piecewise": alpha on each interval
     config.anp.k_values = (1, 2, 1)  # "piecewise": k on each interval
 
-    config.adv = ml_collections.ConfigDict()  # adversarial training, L-inf, pixel units
-    config.adv.epsilon = 0.1  # L-inf budget of the training attack
+    config.adv = ml_collections.ConfigDict()  # adversarial training, pixel units
+    config.adv.norm = "linf"  # "linf" (the methods' own) or "l2" (normalised-gradient steps)
+    config.adv.epsilon = 0.1  # budget of the training attack, in adv.norm
     config.adv.step_size = 0.025  # attack step size
     config.adv.steps = 7  # attack steps (PGD-AT, TRADES)
     config.adv.beta = 6.0  # TRADES
