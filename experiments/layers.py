@@ -1,6 +1,8 @@
 """Where the noise goes: ANP on each single perturbation point, the shallow half, the deep half.
 
     python -m experiments.layers --out runs/exp/layers [--seeds 0,1,2,3,4] [--epochs 10]
+                                 [--points all|none|input,conv1,...]
+                                 [--groups all|none|hidden,shallow,deep,all]
 
 For every selection of layers: the robustness it gains (PGD and mean corruption accuracy
 minus vanilla's and minus replay's) and what it costs in clean accuracy. Replay (the same
@@ -35,22 +37,46 @@ def selections(points: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+GROUPS = ("hidden", "shallow", "deep", "all")
+
+
+def chosen_selections(points: Sequence[str], point_spec: str = "all",
+                      group_spec: str = "all") -> list[tuple[str, str]]:
+    """The :func:`selections` that ``--points`` and ``--groups`` keep (each ``all``,
+    ``none`` or a comma-separated list); ValueError naming an unknown point or group."""
+    def chosen(spec: str, known: Sequence[str], flag: str, what: str) -> set[str]:
+        if spec == "all":
+            return set(known)
+        names = {s.strip() for s in spec.split(",") if s.strip()} - {"none"}
+        bad = names - set(known)
+        if bad:
+            raise ValueError(f"{flag}: unknown {', '.join(sorted(bad))}; {what} "
+                             f"{', '.join(known)}")
+        return names
+
+    keep_points = chosen(point_spec, points, "--points", "the model has")
+    keep_groups = chosen(group_spec, GROUPS, "--groups", "choose from")
+    return [(name, layers) for name, layers in selections(points)
+            if (layers in keep_points if layers in points
+                else name.removeprefix("anp:").split()[0] in keep_groups)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = common.parser(__doc__, DEFAULT_EPOCHS)
     p.add_argument("--points", default="all",
-                   help="comma-separated single points to try (default: every point)")
+                   help="comma-separated single points to try (default: every point; "
+                        "none: no single point)")
+    p.add_argument("--groups", default="all",
+                   help="comma-separated groups of points to try among " +
+                        ", ".join(GROUPS) + " (default: all of them; none: no group)")
     args, settings = common.parse(p, argv, "layers", DEFAULT_EPOCHS)
     from anp_jax.models import create_model
 
     points = tuple(create_model(settings.base.model).perturbation_points())
-    sel = selections(points)
-    if args.points != "all":
-        chosen = {s.strip() for s in args.points.split(",") if s.strip()}
-        bad = chosen - set(points)
-        if bad:
-            p.error(f"--points: unknown {', '.join(sorted(bad))}; the model has "
-                    f"{', '.join(points)}")
-        sel = [(n, lay) for n, lay in sel if lay not in points or lay in chosen]
+    try:
+        sel = chosen_selections(points, args.points, args.groups)
+    except ValueError as err:
+        p.error(str(err))
 
     runner = common.Runner(settings)
     base = settings.base

@@ -114,6 +114,16 @@ def test_layers(data_dir, tmp_path):
         ("anp:deep 2", "deep 2"), ("anp:all", "all")]
     assert layers.selections(("a", "b", "c"))[3:5] == [("anp:shallow 2", "shallow 2"),
                                                        ("anp:deep 1", "deep 1")]
+    four = ("input", "conv1", "conv2", "fc1")
+    assert layers.chosen_selections(four, "input", "hidden") == [
+        ("anp:input", "input"), ("anp:hidden", "deep 3")]
+    assert layers.chosen_selections(four, "none", "shallow,all") == [
+        ("anp:shallow 2", "shallow 2"), ("anp:all", "all")]
+    assert layers.chosen_selections(four) == layers.selections(four)
+    with pytest.raises(ValueError, match="--groups: unknown middle"):
+        layers.chosen_selections(four, "all", "middle")
+    with pytest.raises(ValueError, match="--points: unknown fc9"):
+        layers.chosen_selections(four, "fc9")
     out = tmp_path / "layers"
     assert layers.main(["--out", str(out), *TINY, "--points", "conv1"]) == 0
     md, data = _outputs(out, ["gain.png", "accuracy.png"])
