@@ -2,13 +2,14 @@
 
     python -m benchmarks.autoattack_time [--workdir DIR] [--epochs N] [--budgets 0.1,0.2]
         [--norm linf|l2] [--version standard|quick] [--loop auto|host|device]
-        [--square-chunk N] [--cpu-devices N] [--sanity] [--json FILE]
+        [--square-chunk N] [--cpu-devices N] [--examples N] [--sanity] [--json FILE]
 
 With ``--workdir`` of an existing run (``metrics.json`` and a checkpoint) its model is
 attacked; otherwise the default configuration (``anp_jax/configs/default.py``, with
 ``--epochs`` epochs) is trained first with :func:`anp_jax.trainer.train_and_evaluate` into
 ``--workdir`` (or a temporary directory).  Each budget runs the whole cascade of
-:func:`anp_jax.evaluation.autoattack.autoattack` on the test split, one budget after the
+:func:`anp_jax.evaluation.autoattack.autoattack` on the test split (its first
+``--examples``, default all), one budget after the
 other in one process, so the first one pays the compilations and the later ones reuse them.
 On CPU, ``--cpu-devices`` (default: the number of CPUs) splits the host into that many XLA
 devices, so that the pmapped attacks run one thread per core (a single XLA:CPU device runs
@@ -44,6 +45,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="Square queries between compactions")
     parser.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1,
                         help="XLA host devices on CPU (0: leave XLA_FLAGS alone)")
+    parser.add_argument("--examples", type=int, default=0,
+                        help="attack the first N test examples (default 0: all)")
     parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         run, images, labels = _model(args.workdir or tmp, args.epochs)
+    if args.examples > 0:
+        images, labels = images[:args.examples], labels[:args.examples]
     variables = run.variables
     load_before = os.getloadavg()
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"total_seconds": total, "cpu_seconds": cpu, "version": args.version,
                "norm": args.norm, "budgets": budgets, "loop": args.loop,
                "square_chunk": args.square_chunk, "cpu_devices": args.cpu_devices,
-               "workdir": args.workdir, "cpu_count": os.cpu_count(),
+               "workdir": args.workdir, "examples": len(labels), "cpu_count": os.cpu_count(),
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
                "devices": [str(d) for d in jax.local_devices()], "records": records,
                "sanity": checks}
