@@ -3,6 +3,7 @@
     python -m benchmarks.autoattack_time [--workdir DIR] [--epochs N] [--budgets 0.1,0.2]
         [--norm linf|l2] [--version standard|quick] [--loop auto|host|device]
         [--square-chunk N] [--cpu-devices N] [--examples N] [--sanity] [--json FILE]
+    python -m benchmarks.autoattack_time --kernels --workdir DIR [--batch 512]
 
 With ``--workdir`` of an existing run (``metrics.json`` and a checkpoint) its model is
 attacked; otherwise the default configuration (``anp_jax/configs/default.py``, with
@@ -14,6 +15,11 @@ other in one process, so the first one pays the compilations and the later ones 
 On CPU, ``--cpu-devices`` (default: the number of CPUs) splits the host into that many XLA
 devices, so that the pmapped attacks run one thread per core (a single XLA:CPU device runs
 these small convolutions on one thread).
+``--kernels`` instead times the passes the attacks are made of, on one batch of ``--batch``
+test images of the run's model, each jitted on its own (median of 10 calls after a
+warm-up, milliseconds): the forward pass, APGD's loss and input gradient, one APGD step
+(:func:`~anp_jax.evaluation.autoattack.apgd_step`) and one FAB-T step
+(:func:`~anp_jax.evaluation.autoattack.fab_step`) at L-inf ``--budgets``' first value.
 Prints one table row per (budget, attack): examples attacked, robust accuracy after the
 attack, seconds; then the total, in wall-clock time and in CPU time of the process (on a
 shared machine the CPU time is the steadier measure).  ``--sanity`` then also runs
@@ -48,6 +54,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=0,
                         help="attack the first N test examples (default 0: all)")
     parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
+    parser.add_argument("--kernels", action="store_true",
+                        help="time the attacks' passes on one batch instead (see above)")
+    parser.add_argument("--batch", type=int, default=512, help="--kernels: the batch")
     parser.add_argument("--json", default="", help="write the results here")
     return parser.parse_args(argv)
 
@@ -70,6 +79,44 @@ def _model(workdir: str, epochs: int):
     return run, images, labels
 
 
+def kernel_times(run, images, labels, batch: int, eps: float) -> dict[str, float]:
+    """Median milliseconds per call of the attacks' passes (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from anp_jax import data as data_lib
+    from anp_jax.evaluation import autoattack
+    from anp_jax.train import logits_fn
+
+    x = np.asarray(images[:batch])
+    x = jnp.asarray(data_lib.to_float(x) if x.dtype == np.uint8 else x, jnp.float32)
+    y = jnp.asarray(labels[:batch], jnp.int32)
+    v = run.variables
+    fn = logits_fn(run.module.apply, v["params"], v.get("batch_stats", {}))
+    apgd_state = jax.jit(lambda x, y: autoattack.apgd_init(
+        fn, x, y, eps, rng=jax.random.PRNGKey(0)))(x, y)
+    passes = {
+        "forward": (jax.jit(fn), (x,)),
+        "loss_and_input_gradient": (jax.jit(lambda z, y: autoattack._loss_grad(
+            fn, z, y, y, "ce")), (x, y)),
+        "apgd_step": (jax.jit(lambda s, x, y: autoattack.apgd_step(
+            fn, s, x, y, eps, 3, num_steps=100)), (apgd_state, x, y)),
+        "fab_step": (jax.jit(lambda s, x, y: autoattack.fab_step(fn, s, x, y)),
+                     (autoattack.fab_init(fn, x), x, y)),
+    }
+    out = {}
+    for name, (f, args) in passes.items():
+        jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t0)
+        out[name] = 1e3 * float(np.median(times))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.cpu_devices > 0:  # before jax is imported
@@ -89,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         run, images, labels = _model(args.workdir or tmp, args.epochs)
     if args.examples > 0:
         images, labels = images[:args.examples], labels[:args.examples]
+    if args.kernels:
+        from anp_jax import cli
+
+        cli.keep_freed_memory(True)  # as the command lines do
+        times = kernel_times(run, images, labels, args.batch, budgets[0])
+        for name, ms in times.items():
+            print(f"{name:>24} {ms:8.1f} ms  (batch {args.batch}, {jax.devices()[0]})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"kernels_ms": times, "batch": args.batch, "workdir": args.workdir,
+                           "load_average": os.getloadavg()}, f, indent=1)
+        return 0
     variables = run.variables
     load_before = os.getloadavg()
     t0, cpu0 = time.perf_counter(), time.process_time()
