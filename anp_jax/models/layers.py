@@ -208,9 +208,12 @@ def _first_layer_conv_bwd(pads, precision, residuals, g):
         return jax.vjp(lambda a, b: _conv(a, b, pads, precision), x_, w_)[1](g_)
 
     def by_shifts(x_, w_, g_):
-        # The kernel's gradient stays XLA's (a reduction over the batch it runs well).
-        dx_ = _in_batch_loop(
-            lambda part: _input_grad_by_shifts(part, w_, pads, x_.shape[1:3], precision), g_)
+        # The kernel's gradient stays XLA's (a reduction over the batch it runs well).  The
+        # batch loop was measured for one input channel, where it pays (see _in_batch_loop).
+        def dx_of(part):
+            return _input_grad_by_shifts(part, w_, pads, x_.shape[1:3], precision)
+
+        dx_ = _in_batch_loop(dx_of, g_) if w_.shape[2] == 1 else dx_of(g_)
         return dx_, xla(x_, w_, g_)[1]
 
     dx, dw = _on_cpu(by_shifts, xla, x, w, g)
