@@ -23,7 +23,7 @@ import optax
 from anp_jax import attacks
 
 KINDS = ("pgd", "trades", "fast", "free")
-NORMS = ("linf", "l2")
+NORMS = attacks.NORMS  # the attacks' norms, one list
 
 
 @dataclasses.dataclass(frozen=True)
