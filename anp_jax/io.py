@@ -1,8 +1,10 @@
 """Reading and writing the small JSON files of a run (``metrics.json``, ``config.json``).
 
 Paths go through ``etils.epath`` (as Orbax's do), so a ``gs://`` workdir works like a local
-one.  Writes are atomic: the JSON goes to a temporary file next to the target, which is then
-renamed over it, so a reader never sees a half-written file and a crash leaves the old one.
+one.  Writes are atomic, so a reader never sees a half-written file and a crash leaves the
+old one: on a file system the text goes to a temporary file next to the target, which is then
+renamed over it; on an object store (``gs://``, ``s3://``) an upload is atomic by itself and a
+rename is a copy and a delete, so the object is written directly.
 """
 
 from __future__ import annotations
@@ -35,12 +37,24 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: PathLike, obj: Any, indent: int | None = 2) -> None:
-    """Writes ``jsonable(obj)`` to ``path`` through ``path.tmp`` and a rename."""
+_OBJECT_STORES = ("gs://", "s3://")
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically: through ``.<name>.tmp`` and a rename on a file
+    system, directly on an object store (where an upload is atomic)."""
     path = epath.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=indent) + "\n")
+    if str(path).startswith(_OBJECT_STORES):
+        path.write_text(text)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json_atomic(path: PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Writes ``jsonable(obj)`` to ``path`` atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(jsonable(obj), indent=indent) + "\n")
 
 
 def read_json(path: PathLike) -> Any:

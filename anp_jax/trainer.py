@@ -428,9 +428,7 @@ class JsonlWriter:
 
     def flush(self) -> None:
         if self._dirty:
-            tmp = self.path.parent / f".{self.path.name}.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            tmp.replace(self.path)
+            io_lib.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
             self._dirty = False
 
     def close(self) -> None:

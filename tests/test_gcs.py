@@ -27,13 +27,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# Real GCS sends an object's generation in ``x-goog-generation`` on every media download;
+# the emulator does not, so tensorstore (Orbax's OCDBT) would read generation 0 and a later
+# conditional write with it fails ("Malformed StorageGeneration", whenever OCDBT re-reads a
+# manifest before writing it).  This adds the header, as GCS does.
+_GENERATION_HEADERS = """
+from gcp_storage_emulator import server as _server
+from gcp_storage_emulator.handlers import objects as _objects
+_download = _objects.download
+def _download_with_generation(request, response, storage, *args, **kwargs):
+    _download(request, response, storage, *args, **kwargs)
+    if response.status.value in (200, 206):
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj["metageneration"])
+_objects.download = _download_with_generation
+for _pattern, _methods in _server.HANDLERS:
+    for _verb, _fn in list(_methods.items()):
+        if _fn is _download:
+            _methods[_verb] = _download_with_generation
+"""
+
+
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     pytest.importorskip("gcp_storage_emulator")
     pytest.importorskip("gcsfs")
     port = _free_port()
-    code = ("import time\nfrom gcp_storage_emulator.server import create_server\n"
-            f"s = create_server('127.0.0.1', {port}, in_memory=True, "
+    code = (_GENERATION_HEADERS + "import time\nfrom gcp_storage_emulator.server import "
+            f"create_server\ns = create_server('127.0.0.1', {port}, in_memory=True, "
             f"default_bucket={BUCKET!r})\ns.start()\nwhile True: time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
