@@ -20,7 +20,9 @@ so scripts given the same ``--store`` share the runs they have in common.  Every
 run's figures are also kept in ``DIR/ledger.json`` (keyed by the config's and the plan's
 hashes), so a script given the same ``--out`` on another machine, without the store (a
 study's ``DIR`` can be committed, the workdirs with their checkpoints need not be), reuses
-them instead of training and evaluating again.
+them instead of training and evaluating again.  The ledgers of the studies beside ``DIR``
+(``DIR/../*/ledger.json``) are read too: a run one of them finished with the same config
+and evaluation plan is copied into this ledger instead of being repeated.
 
 Headline numbers of a run: clean accuracy; the reported robust accuracy per budget (the
 per-example worst case over the attacks run there: AutoAttack where it ran), with the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import hashlib
 import inspect
 import json
@@ -346,6 +349,21 @@ class Runner:
             except (OSError, ValueError, KeyError, TypeError):
                 raise SystemExit(f"error: {self.ledger_path} is not a ledger of runs; move "
                                  "it away to start afresh") from None
+        # The ledgers of the other studies beside this one (DIR/../*/ledger.json): a run
+        # they finished with the same config and plan is taken from there, not repeated.
+        self.shared: dict[str, tuple[str, dict]] = {}
+        here = os.path.realpath(settings.out)
+        for other in sorted(glob.glob(os.path.join(os.path.dirname(here), "*", "ledger.json"))):
+            if os.path.realpath(os.path.dirname(other)) == here:
+                continue
+            try:
+                with open(other) as f:
+                    runs = json.load(f)["runs"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a ledger (that study's own script says so)
+            study = os.path.basename(os.path.dirname(other))
+            for entry, record in runs.items():
+                self.shared.setdefault(entry, (study, record))
         plan = None if settings.plan is None else _jsonable(dataclasses.asdict(settings.plan))
         self.plan_digest = _digest(plan)
 
@@ -360,12 +378,18 @@ class Runner:
         digest = _digest(key)
         workdir = os.path.join(self.settings.store, f"seed{seed}-{digest}")
         entry = f"seed{seed}-{digest}/{self.plan_digest}"
-        if not self.settings.rerun and entry in self.ledger:
+        if not self.settings.rerun and (entry in self.ledger or entry in self.shared):
+            source = "ledger"
+            if entry not in self.ledger:  # copied, so this study's directory stands alone
+                study, self.ledger[entry] = self.shared[entry]
+                os.makedirs(self.settings.out, exist_ok=True)
+                io_lib.write_json_atomic(self.ledger_path, {"runs": self.ledger}, indent=1)
+                source = f"ledger of {study}"
             record = self.ledger[entry]
             self.records.setdefault(name, {})[seed] = record
             self.meta.setdefault(name, dict(meta))
             log(f"[{self.settings.script}] {name} seed {seed}: clean {record['clean']:.3f}  "
-                f"robust {fmt_num(record['robust'])} (ledger)")
+                f"robust {fmt_num(record['robust'])} ({source})")
             return record
         key_path = os.path.join(workdir, "experiment.json")
         metrics_path = os.path.join(workdir, "metrics.json")

@@ -76,6 +76,18 @@ def test_methods(data_dir, tmp_path):
     assert {(r["name"], r["clean"], r["pgd"]) for r in again["runs"]} == \
         {(r["name"], r["clean"], r["pgd"]) for r in data["runs"]}
 
+    # Another study beside this one takes the runs it shares from this ledger: its own
+    # ledger gets a copy, nothing is trained, and the figures are the same.
+    other = tmp_path / "other"
+    assert methods.main([*args[:1], str(other), *args[2:-1], "anp,vanilla"]) == 0
+    assert not (other / "runs").exists() and not (out / "runs").exists()
+    copied = json.loads((other / "ledger.json").read_text())["runs"]
+    mine = json.loads((out / "ledger.json").read_text())["runs"]
+    assert len(copied) == 2 and all(mine[k] == v for k, v in copied.items())
+    shared = json.loads((other / "results.json").read_text())
+    assert {(r["name"], r["clean"], r["pgd"]) for r in shared["runs"]} == \
+        {(r["name"], r["clean"], r["pgd"]) for r in data["runs"] if r["name"] != "replay"}
+
 
 def test_autoattack_column(data_dir, tmp_path):
     """The robust column is AutoAttack's worst case, named, and its evaluation is cached."""
