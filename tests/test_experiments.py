@@ -137,10 +137,10 @@ def test_layers(data_dir, tmp_path):
     with pytest.raises(ValueError, match="--points: unknown fc9"):
         layers.chosen_selections(four, "fc9")
     out = tmp_path / "layers"
-    assert layers.main(["--out", str(out), *TINY, "--points", "conv1"]) == 0
+    assert layers.main(["--out", str(out), *TINY, "--points", "conv1",
+                        "--groups", "shallow,deep"]) == 0
     md, data = _outputs(out, ["gain.png", "accuracy.png"])
-    assert _names(data) == {"vanilla", "replay", "anp:conv1", "anp:shallow 2", "anp:deep 2",
-                            "anp:all", "anp:hidden"}
+    assert _names(data) == {"vanilla", "replay", "anp:conv1", "anp:shallow 2", "anp:deep 2"}
     runs = {r["name"]: r for r in data["runs"]}
     assert runs["anp:shallow 2"]["perturbed_layers"] == ["input", "conv1"]
     assert runs["anp:deep 2"]["perturbed_layers"] == ["conv2", "fc1"]
