@@ -115,6 +115,7 @@ def test_train_and_resume_on_gcs(emulator, data_dir):
     names, metrics = _listing(emulator, "run")
     names = set(names)
     assert {"config.json", "metrics.json", "metrics.jsonl"} <= names
+    assert not [n for n in names if n.endswith(".tmp")], names  # written directly there
     steps = {n.split("/")[1] for n in names if n.startswith("checkpoints/")}
     assert {"44", "88"} <= steps, steps
     assert metrics["batches"] == 88 and metrics["steps"] == 2 * 88
