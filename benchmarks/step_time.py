@@ -3,7 +3,8 @@
     python -m benchmarks.step_time [--json FILE] [--model NAME] [--batch N] [--methods A,B]
         [--iters N] [--repeats N] [--dtype float32|bfloat16] [--torch] [--diagnose]
     python -m benchmarks.step_time --trainer [--trainer-epochs SHORT,LONG]
-    python -m benchmarks.step_time --suite cpu [--results-md benchmarks/RESULTS.md]
+    python -m benchmarks.step_time --suite cpu [--models A,B] [--in-process]
+        [--results-md benchmarks/RESULTS.md]
 
 In one process, on the same model, data shape and batch, it compiles one train step per
 method with :func:`anp_jax.train.train_step` (donated state), warms each up, then times
@@ -46,7 +47,8 @@ VGG-11 standing in for it until it is registered).  Steps are unrolled on CPU
 ``--trainer`` times the real training loop, :func:`anp_jax.trainer.train_and_evaluate`
 with the default config, against its bare jitted step in the same process (see
 :func:`trainer_comparison`).  ``--suite cpu`` runs the CPU models with the methods that
-compare ANP with plain training, then ``--trainer``; ``--results-md`` writes the tables
+compare ANP with plain training, each model in a fresh process (``--in-process``: all in
+this one), then ``--trainer``; ``--results-md`` writes the tables
 with the command, the machine, the load and the date into a Markdown file.
 
 ``--torch`` adds the PyTorch implementation of :mod:`benchmarks.torch_anp` (digits CNN and
@@ -66,7 +68,9 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -505,6 +509,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--suite", choices=("cpu",), default=None,
                    help=f"cpu: models {', '.join(CPU_SUITE)} with methods "
                    f"{', '.join(SUITE_METHODS)}, then --trainer")
+    p.add_argument("--models", default="",
+                   help=f"--suite: these models only (comma-separated; default: "
+                   f"{','.join(CPU_SUITE)})")
+    p.add_argument("--in-process", action="store_true",
+                   help="--suite: time every model in this process (default: each in a "
+                   "fresh one)")
     p.add_argument("--trainer", action="store_true",
                    help="time anp_jax.trainer.train_and_evaluate (the default config) "
                    "against its bare jitted step")
@@ -555,6 +565,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--trainer-epochs {args.trainer_epochs!r}: expected two run lengths "
                 "SHORT,LONG (whole epochs) with 0 < SHORT < LONG")
     args.trainer_epochs = epochs
+    args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    for name in args.models:
+        if name not in SPECS:
+            p.error(f"--models: unknown model {name!r}; choose from: {', '.join(SPECS)}")
     return args
 
 
@@ -638,6 +652,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None],
                        "note": SPECS[args.model].note},
         "image_shape": list(SPECS[args.model].image_shape),
         "load_average": os.getloadavg()[0],
+        "process": os.getpid(),
         "batch": args.batch,
         "dtype": args.dtype,
         "date": datetime.date.today().isoformat(),
@@ -883,19 +898,51 @@ def format_trainer(t: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- suite
 
 
+def _model_argv(args: argparse.Namespace, name: str, methods_: Sequence[str],
+                json_path: str) -> list[str]:
+    """The command line that times one model of the suite on its own (see run_suite)."""
+    argv = ["--model", name, "--methods", ",".join(methods_), "--iters", str(args.iters),
+            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype",
+            args.dtype, "--unroll", args.unroll, "--json", json_path, "--quiet"]
+    if args.no_tune_malloc:
+        argv.append("--no-tune-malloc")
+    if args.peak_tflops is not None:
+        argv += ["--peak-tflops", str(args.peak_tflops)]
+    return argv
+
+
 def run_suite(args: argparse.Namespace, log: Callable[[str], None],
               command: str) -> dict[str, Any]:
-    """``--suite cpu``: every model of :data:`CPU_SUITE` at its default batch with the
-    methods of :data:`SUITE_METHODS` (or ``--methods``), then the trainer comparison."""
+    """``--suite cpu``: every model of ``--models`` (default :data:`CPU_SUITE`) at its
+    default batch with the methods of :data:`SUITE_METHODS` (or ``--methods``), then the
+    trainer comparison.  Each model is timed in a fresh process, as a user's run would be,
+    so that none runs in the heap, threads and caches an earlier one left (in one run the
+    Fashion VGG's plain step took 48.7 ms third in the suite and 35.5 ms alone right after;
+    benchmarks/RESULTS.md, sections A and D); ``--in-process`` times them all here."""
     results = []
-    for name in CPU_SUITE:
-        sub = argparse.Namespace(**vars(args))
-        sub.model, sub.batch = name, None
-        sub.methods = args.methods or SUITE_METHODS
-        results.append(run_benchmark(sub, log, command))
+    for name in args.models or CPU_SUITE:
+        methods_ = args.methods or SUITE_METHODS
+        if args.in_process:
+            sub = argparse.Namespace(**vars(args))
+            sub.model, sub.batch, sub.methods = name, None, methods_
+            results.append(run_benchmark(sub, log, command))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.json")
+                log(f"{name}: a process of its own")
+                done = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.step_time",
+                     *_model_argv(args, name, methods_, path)],
+                    stdout=subprocess.DEVNULL, check=False)
+                if done.returncode != 0:
+                    raise SystemExit(f"step_time --suite: timing {name} failed (exit "
+                                     f"{done.returncode})")
+                with open(path) as f:
+                    results.append(json.load(f))
         log(format_table(results[-1]))
     return {"suite": args.suite, "command": command, "date": results[0]["date"],
-            "device": results[0]["device"], "models": results}
+            "device": results[0]["device"], "models": results,
+            "isolated": not args.in_process}
 
 
 def _md_table(result: dict[str, Any]) -> list[str]:

@@ -211,3 +211,22 @@ def test_results_markdown_block_is_replaced(tmp_path):
     step_time.write_markdown(str(path), f"{step_time.MD_BEGIN}\nsecond\n{step_time.MD_END}")
     assert path.read_text() == (f"# Title\n\nkept above\n{step_time.MD_BEGIN}\nsecond\n"
                                 f"{step_time.MD_END}\nkept below\n")
+
+
+def test_suite_times_each_model_in_a_process_of_its_own(monkeypatch):
+    from benchmarks import step_time
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.chdir(ROOT)
+    args = step_time.parse_args(["--suite", "cpu", "--models", "digits_cnn", "--methods",
+                                 "anp_k2", "--iters", "1", "--repeats", "1", "--warmup", "0"])
+    suite = step_time.run_suite(args, lambda message: None, "step_time --suite cpu")
+    assert suite["isolated"] and [r["model"] for r in suite["models"]] == ["digits_cnn"]
+    model = suite["models"][0]
+    assert model["process"] != os.getpid()
+    assert model["ratios"]["anp_k2"] > 0 and model["per_update_ms"]["plain"] > 0
+    assert "**digits_cnn**" in step_time.markdown(suite)
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--suite", "cpu", "--models", "no_such_model"])
