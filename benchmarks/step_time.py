@@ -920,8 +920,9 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None],
     Fashion VGG's plain step took 48.7 ms third in the suite and 35.5 ms alone right after;
     benchmarks/RESULTS.md, sections A and D); ``--in-process`` times them all here."""
     results = []
+    methods_ = args.methods or SUITE_METHODS
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in args.models or CPU_SUITE:
-        methods_ = args.methods or SUITE_METHODS
         if args.in_process:
             sub = argparse.Namespace(**vars(args))
             sub.model, sub.batch, sub.methods = name, None, methods_
@@ -933,7 +934,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None],
                 done = subprocess.run(
                     [sys.executable, "-m", "benchmarks.step_time",
                      *_model_argv(args, name, methods_, path)],
-                    stdout=subprocess.DEVNULL, check=False)
+                    cwd=root, stdout=subprocess.DEVNULL, check=False)
                 if done.returncode != 0:
                     raise SystemExit(f"step_time --suite: timing {name} failed (exit "
                                      f"{done.returncode})")
