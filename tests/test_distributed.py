@@ -94,7 +94,9 @@ def test_two_processes_match_one(data_dir, tmp_path):
     a = json.loads((tmp_path / "single" / "metrics.json").read_text())
     b = json.loads((workdir / "metrics.json").read_text())
     assert a["num_devices"] == b["num_devices"] == 8 and b["num_processes"] == 2
-    np.testing.assert_allclose(b["final_train_loss"], a["final_train_loss"], rtol=1e-4)
+    # Cross-process all-reduces sum in another order than one process's: after an epoch
+    # the losses differed by 1.6e-4 relative on a first-generation EPYC.
+    np.testing.assert_allclose(b["final_train_loss"], a["final_train_loss"], rtol=1e-3)
     assert abs(a["clean_accuracy"] - b["clean_accuracy"]) <= 1 / 359
     # Each process evaluated its own half of the test split; the counts were summed over
     # both processes, every example once.
