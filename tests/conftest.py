@@ -9,8 +9,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+# The CLI runs' persistent compilation cache: this session's own (runs of one config share
+# their programs), never the user's.
+_CACHE = tempfile.mkdtemp(prefix="anp-jax-test-jit-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 
@@ -28,7 +36,8 @@ def data_dir(tmp_path_factory):
 
 def cli_env(data_dir, devices=1):
     """Environment for an ``anp-jax`` subprocess with ``devices`` fake CPU devices."""
-    env = dict(os.environ, TFDS_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL="3",
+               ANP_JAX_CACHE_DIR=_CACHE)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 

@@ -51,9 +51,10 @@ def test_every_model_trains_with_every_selection(name):
     model = _model(name)
     points = model.perturbation_points()
     step = functools.partial(train.train_step, static_k=1)
-    for spec in SELECTIONS:  # traced for every selection: shapes and wiring
+    for spec in SELECTIONS:  # traced for every selection (shapes and wiring), not compiled
         layers = select_layers(spec, points, name)
-        new, metrics = jax.eval_shape(step, _state(model, layers), _batch(), HP)
+        state = jax.eval_shape(functools.partial(_state, model, layers))
+        new, metrics = jax.eval_shape(step, state, _batch(), HP)
         assert set(new.noise.injection) == set(layers)
     # And run for real with every point perturbed: each gets a non-zero register.
     new, metrics = jax.jit(step)(_state(model, points), _batch(), HP)
