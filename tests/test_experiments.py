@@ -8,20 +8,33 @@ skipped, 1 epoch per run) and must produce its plot.
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
+from conftest import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# In-process runs: two of the eight fake devices (the CPU has two cores) and no persistent
-# compilation cache (a process-wide setting the other tests should not inherit).
 TINY = ["--seeds", "0", "--epochs", "1", "--attacks", "fgsm_linf_0.1,pgd2_linf_0.1",
-        "--corruptions", "gaussian_noise_3", "--config.num_devices=2", "--nocompile_cache",
-        "--autoattack", "none"]
+        "--corruptions", "gaussian_noise_3", "--config.num_devices=2", "--autoattack", "none"]
+# In-process calls (those that train and evaluate nothing, or fail on their arguments): no
+# persistent compilation cache (a process-wide setting the other tests should not inherit).
+IN_PROCESS = ["--nocompile_cache"]
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _study(script, args, data_dir):
+    """``python -m experiments.SCRIPT ARGS`` on two CPU devices, as a user runs it: the
+    studies' trainings and evaluations compile with XLA's full optimisation (the test
+    process compiles quickly but runs slowly) and share the session's compilation cache."""
+    env = cli_env(data_dir, devices=2)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{script}", *args], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _outputs(out, plots):
@@ -46,8 +59,9 @@ def test_methods(data_dir, tmp_path):
     from experiments import methods
 
     out = tmp_path / "methods"
-    args = ["--out", str(out), *TINY, "--methods", "anp,vanilla,replay"]
-    assert methods.main(args) == 0
+    args = [*TINY, "--methods", "anp,vanilla,replay"]
+    _study("methods", ["--out", str(out), *args], data_dir)
+    args = ["--out", str(out), *args, *IN_PROCESS]
     md, data = _outputs(out, ["accuracy.png", "delta.png"])
     assert _names(data) == {"vanilla", "replay", "anp"}
     runs = {r["name"]: r for r in data["runs"]}
@@ -79,7 +93,8 @@ def test_methods(data_dir, tmp_path):
     # Another study beside this one takes the runs it shares from this ledger: its own
     # ledger gets a copy, nothing is trained, and the figures are the same.
     other = tmp_path / "other"
-    assert methods.main([*args[:1], str(other), *args[2:-1], "anp,vanilla"]) == 0
+    assert methods.main(["--out", str(other), *TINY, "--methods", "anp,vanilla",
+                         *IN_PROCESS]) == 0
     assert not (other / "runs").exists() and not (out / "runs").exists()
     copied = json.loads((other / "ledger.json").read_text())["runs"]
     mine = json.loads((out / "ledger.json").read_text())["runs"]
@@ -95,9 +110,10 @@ def test_autoattack_column(data_dir, tmp_path):
 
     out = tmp_path / "aa"
     args = ["--out", str(out), "--seeds", "0", "--epochs", "1", "--attacks", "pgd2_linf_0.1",
-            "--corruptions", "none", "--config.num_devices=2", "--nocompile_cache",
-            "--autoattack", "quick", "--autoattack_examples", "32", "--methods", "vanilla"]
-    assert methods.main(args) == 0
+            "--corruptions", "none", "--config.num_devices=2", "--autoattack", "quick",
+            "--autoattack_examples", "32", "--methods", "vanilla"]
+    _study("methods", args, data_dir)
+    args += IN_PROCESS
     data = json.loads((out / "results.json").read_text())
     (run,) = data["runs"]
     assert run["robust_attack"].startswith("AutoAttack quick preset")
@@ -137,8 +153,8 @@ def test_layers(data_dir, tmp_path):
     with pytest.raises(ValueError, match="--points: unknown fc9"):
         layers.chosen_selections(four, "fc9")
     out = tmp_path / "layers"
-    assert layers.main(["--out", str(out), *TINY, "--points", "conv1",
-                        "--groups", "shallow,deep"]) == 0
+    _study("layers", ["--out", str(out), *TINY, "--points", "conv1",
+                      "--groups", "shallow,deep"], data_dir)
     md, data = _outputs(out, ["gain.png", "accuracy.png"])
     assert _names(data) == {"vanilla", "replay", "anp:conv1", "anp:shallow 2", "anp:deep 2"}
     runs = {r["name"]: r for r in data["runs"]}
@@ -160,7 +176,7 @@ def test_hparams(data_dir, tmp_path):
     out = tmp_path / "hparams"
     args = ["--out", str(out), *TINY, "--eps", "0.5", "--alpha", "0.5", "--k", "2",
             "--alpha_k", "2"]
-    assert hparams.main(args) == 0
+    _study("hparams", args, data_dir)
     md, data = _outputs(out, ["sweeps.png"])
     assert _names(data) == {"replay k=2", "anp eps=1 alpha=0.5 k=2", "anp eps=0.5 alpha=0.5 k=2"}
     assert "### eps" in md and "### alpha" in md and "### k" in md
@@ -180,7 +196,7 @@ def test_schedules(data_dir, tmp_path):
     assert int(table["k"](2.5)) == config.anp.k
 
     out = tmp_path / "schedules"
-    assert schedules.main(["--out", str(out), *TINY, "--schedules", "constant,user"]) == 0
+    _study("schedules", ["--out", str(out), *TINY, "--schedules", "constant,user"], data_dir)
     md, data = _outputs(out, ["schedules.png", "accuracy.png"])
     assert _names(data) == {"constant", "user", "vanilla", "replay k=2"}
     assert "def user_eps_schedule" in md
@@ -190,10 +206,8 @@ def test_schedules(data_dir, tmp_path):
 
 
 def test_cost(data_dir, tmp_path):
-    from experiments import cost
-
     out = tmp_path / "cost"
-    assert cost.main(["--out", str(out), *TINY, "--epochs", "2", "--methods", "anp"]) == 0
+    _study("cost", ["--out", str(out), *TINY, "--epochs", "2", "--methods", "anp"], data_dir)
     md = (out / "results.md").read_text()
     data = json.loads((out / "results.json").read_text())
     assert (out / "cost.png").read_bytes()[:8] == PNG
