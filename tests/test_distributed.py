@@ -86,19 +86,19 @@ def _losses(workdir):
 
 def test_two_processes_match_one(data_dir, tmp_path):
     args = ["train", "--config.num_epochs=1", "--config.log_every_steps=1", *FAST]
-    single = run_cli([*args, f"--workdir={tmp_path / 'single'}"], data_dir, devices=8)
+    single = run_cli([*args, f"--workdir={tmp_path / 'single'}"], data_dir, devices=4)
     assert single.returncode == 0, single.stderr[-2000:]
     port = _free_port()
     workdir = tmp_path / "multi"
     procs = [start_cli([*args, f"--workdir={workdir}",
                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                        f"--process_id={i}"], data_dir, devices=4) for i in range(2)]
+                        f"--process_id={i}"], data_dir, devices=2) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     a = json.loads((tmp_path / "single" / "metrics.json").read_text())
     b = json.loads((workdir / "metrics.json").read_text())
-    assert a["num_devices"] == b["num_devices"] == 8 and b["num_processes"] == 2
+    assert a["num_devices"] == b["num_devices"] == 4 and b["num_processes"] == 2
     # The first updates agree to float32 round-off: each process read its half of every
     # batch and the gradients were averaged over both.
     la, lb = _losses(tmp_path / "single"), _losses(workdir)
@@ -115,7 +115,9 @@ def test_two_processes_match_one(data_dir, tmp_path):
     assert a["num_test_examples"] == b["num_test_examples"] == 359
 
 
-RESUMABLE = ["train", "--config.num_epochs=4", "--config.checkpoint_every_steps=8", *FAST]
+EPOCHS = 2
+RESUMABLE = ["train", f"--config.num_epochs={EPOCHS}", "--config.checkpoint_every_steps=8",
+             *FAST]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, data_dir, tmp_
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     steps = _finished_steps(workdir)
-    assert steps and max(steps) < 4 * 44, steps  # killed partway
+    assert steps and max(steps) < EPOCHS * 44, steps  # killed partway
     assert not (workdir / "metrics.json").exists()
     resumed = run_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -170,7 +172,7 @@ def test_signal_saves_then_resume_matches_uninterrupted(reference_run, data_dir,
     assert len(lines) == 1, err[-2000:]
     done = int(re.search(r"after mini-batch (\d+)", lines[0]).group(1))
     assert signal.Signals(signum).name in lines[0]
-    assert done in _finished_steps(workdir) and done < 4 * 44
+    assert done in _finished_steps(workdir) and done < EPOCHS * 44
     assert not (workdir / "metrics.json").exists()
     resumed = run_cli([*RESUMABLE, f"--workdir={workdir}"], data_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
