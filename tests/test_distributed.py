@@ -79,9 +79,14 @@ def _numbers(metrics):
     return {k: v for k, v in metrics.items() if k not in ("train_seconds", "config")}
 
 
-def _losses(workdir):
+def _train_rows(workdir):
+    """The training rows of ``metrics.jsonl`` (learning curves), in order."""
     with open(workdir / "metrics.jsonl") as f:
-        return [row["train_loss"] for row in map(json.loads, f) if "train_loss" in row]
+        return [row for row in map(json.loads, f) if "train_loss" in row]
+
+
+def _losses(workdir):
+    return [row["train_loss"] for row in _train_rows(workdir)]
 
 
 def test_two_processes_match_one(data_dir, tmp_path):
@@ -179,8 +184,7 @@ def test_signal_saves_then_resume_matches_uninterrupted(reference_run, data_dir,
     assert f"resumed from checkpoint at mini-batch {done}" in resumed.stderr
     got = json.loads((workdir / "metrics.json").read_text())
     assert _numbers(got) == _numbers(reference_run[1])
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "train_loss" in r]
+    steps = [r["step"] for r in _train_rows(workdir)]
     assert steps == sorted(set(steps))  # no row twice
 
 
