@@ -102,7 +102,7 @@ def test_train_and_resume_on_gcs(emulator, data_dir):
     args = ["train", f"--workdir={workdir}", "--config.tensorboard=False",
             "--config.lr_schedule=constant", "--config.eval.attacks=('fgsm_linf_0.1',)",
             "--config.eval.corruptions=()", "--config.eval_every_epochs=1",
-            "--config.eval.curve_examples=32", "--nocompile_cache"]
+            "--config.eval.curve_examples=32"]
     first = _run([*args, "--config.num_epochs=1"], data_dir, emulator)
     assert first.returncode == 0, first.stderr[-3000:]
     assert not os.path.exists("gs:"), "a local folder named gs: was created"
