@@ -22,17 +22,6 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 
-# The files of long runs first (a stable sort keeps each file's own order): pytest-xdist's
-# --dist loadfile hands files to the idle worker in this order, so that no long file is
-# left to run alone at the end.
-_LONG_FILES = ("test_experiments.py", "test_distributed.py", "test_data.py", "test_report.py",
-               "test_models.py", "test_gcs.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(_LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(_LONG_FILES)))
-
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
