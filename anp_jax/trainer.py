@@ -543,6 +543,10 @@ class _Run:
         self.devices = local if config.num_devices == -1 else local[:config.num_devices]
         self.pmap_devices = self.devices if self.process_count == 1 else None
         n_dev = len(self.devices)
+        # XLA:CPU can deadlock when steps with a collective queue up on several devices of
+        # one process (one device's part waits in the all-reduce, the other's launch never
+        # gets a slot): there, each step waits for the one before.
+        self.step_by_step = self.devices[0].platform == "cpu" and n_dev > 1
         if config.batch_size % (n_dev * self.process_count):
             raise ConfigError(f"config.batch_size={config.batch_size}: must be a multiple of "
                               f"the {n_dev * self.process_count} devices")
@@ -744,8 +748,9 @@ class _Run:
             for i in range(self.start, stop_at):
                 state, buffer = self.step(i)(state, buffer, next(batches))
                 done = i + 1
-                if i == first:
+                if i == first or self.step_by_step:
                     jax.block_until_ready(buffer)
+                if i == first:
                     if self.is_main and self.progress:
                         since = time.perf_counter() - self.t_start
                         self.log(f"first training step done {since:.1f} s after the run "

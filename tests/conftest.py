@@ -2,11 +2,12 @@
 
 import os
 
+from procs import xla_flags
+
 # Must happen before jax is imported anywhere: tests of pmap use 8 fake CPU devices.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8"
-                           # Tests compile far more than they run: compile fast.
-                           + " --xla_backend_optimization_level=0").strip()
+# Tests compile far more than they run: compile fast.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags(
+    8, "--xla_backend_optimization_level=0")]).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import atexit  # noqa: E402
@@ -38,7 +39,7 @@ def cli_env(data_dir, devices=1):
     """Environment for an ``anp-jax`` subprocess with ``devices`` fake CPU devices."""
     env = dict(os.environ, TFDS_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL="3",
                ANP_JAX_CACHE_DIR=_CACHE)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     return env
 
 

@@ -10,10 +10,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from procs import ROOT, with_repo_on_path
 
 from anp_jax.models import PERTURBATIONS, create_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -37,8 +37,7 @@ def _perturbation_bytes(dtype):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "step_time.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env = with_repo_on_path(dict(os.environ))
     # Unoptimised XLA code compiles some 3x faster; the test checks the report, not speed.
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -30,6 +30,7 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
+from procs import ROOT, with_repo_on_path, xla_flags
 from test_fashion_mnist import N_TEST as N_FASHION_TEST
 from test_fashion_mnist import N_TRAIN as N_FASHION_TRAIN
 from test_fashion_mnist import write_files as write_fashion_mnist
@@ -43,7 +44,6 @@ from anp_jax.data import sources as ip
 from anp_jax.data.builders import fashion_mnist
 from anp_jax.models import create_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("mnist_lenet", "cifar10_vgg16", "cifar10_resnet18", "imagenet_resnet50",
            "fashion_lenet", "fashion_vgg")
 N_PER_FILE, N_TEST, N_VAL = 20, 31, 10  # CIFAR: 5 x 20 training, 31 test images
@@ -271,6 +271,28 @@ def test_imagenet_download_without_archives_is_one_line(tmp_path):
     msg = str(err.value)
     assert len(msg.splitlines()) == 1
     assert "could not be prepared" in msg and data_lib.manual_dir(str(tmp_path)) in msg
+
+
+def test_a_copy_prepared_meanwhile_by_another_job_is_used(tmp_path):
+    """Jobs started together on a fresh data_dir: the one whose copy TFDS cannot move into
+    place (another job's is there) reads that copy instead of failing."""
+    from anp_jax.data.builders import Digits
+
+    data_dir = str(tmp_path)
+    prepare = Digits.download_and_prepare
+
+    def beaten(self, **kwargs):
+        prepare(Digits(data_dir=data_dir), **kwargs)  # the other job finishes first
+        raise FileExistsError(f"Cannot rename {data_dir}/digits/incomplete.X_1.0.0. "
+                              f"Destination {data_dir}/digits/1.0.0 already exists.")
+
+    with mock.patch.object(Digits, "download_and_prepare", beaten):
+        images, labels = data_lib.load_split("digits", "test", data_dir)
+    assert images.shape == (359, 8, 8, 1) and labels.shape == (359,)
+    with mock.patch.object(Digits, "download_and_prepare",
+                           side_effect=OSError("disk full")), pytest.raises(
+            data_lib.DatasetError, match="could not be prepared.*disk full"):
+        data_lib.load_split("digits", "test", str(tmp_path / "other"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -526,8 +548,8 @@ def test_config_trains_first_steps(name, fake, tmp_path):
 # Runs in a fresh process: two CPU devices, and XLA's quick compilation (the models are
 # compiled, not optimised: VGG-16 and the ResNets compile several times faster on CPU).
 
-FAST_XLA = ("--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-            "--xla_llvm_disable_expensive_passes=true")
+FAST_XLA = xla_flags(2, "--xla_backend_optimization_level=0",
+                     "--xla_llvm_disable_expensive_passes=true")
 
 
 def run_main(*args, timeout=600):
@@ -535,9 +557,7 @@ def run_main(*args, timeout=600):
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS=FAST_XLA, TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH"))
-                                          if p))
+    env = with_repo_on_path(dict(os.environ, XLA_FLAGS=FAST_XLA, TF_CPP_MIN_LOG_LEVEL="3"))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]

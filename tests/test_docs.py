@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 import pytest
+from procs import ROOT, with_repo_on_path, xla_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT)
                               for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 _FENCE = re.compile(r"^```python\s*$")
@@ -97,8 +97,7 @@ def test_doc_blocks_run(name, data_dir, tmp_path):
     blocks = python_blocks(open(os.path.join(ROOT, name)).read())
     if not any(reason is None for _, _, reason in blocks):
         pytest.skip(f"{name}: no runnable python block")
-    env = dict(os.environ, TFDS_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env = with_repo_on_path(dict(os.environ, TFDS_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL="3",
+                                 XLA_FLAGS=xla_flags(1)))
     result = run_blocks(blocks, name, env, str(tmp_path))
     assert result.returncode == 0, f"{name}: a python block failed:\n{result.stderr[-3000:]}"

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from conftest import cli_env
+from procs import with_repo_on_path, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -30,8 +31,7 @@ def _study(script, args, data_dir):
     """``python -m experiments.SCRIPT ARGS`` on two CPU devices, as a user runs it: the
     studies' trainings and evaluations compile with XLA's full optimisation (the test
     process compiles quickly but runs slowly) and share the session's compilation cache."""
-    env = cli_env(data_dir, devices=2)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+    env = with_repo_on_path(cli_env(data_dir, devices=2))
     proc = subprocess.run([sys.executable, "-m", f"experiments.{script}", *args], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -252,10 +252,9 @@ def test_notebook(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ANP_NOTEBOOK_EPOCHS", "1")
     monkeypatch.setenv("ANP_NOTEBOOK_OUT", str(out))
     monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p))
+    monkeypatch.setenv("PYTHONPATH", with_repo_on_path({})["PYTHONPATH"])
     nb = nbformat.read(os.path.join(ROOT, "experiments", "anp_in_colab.ipynb"), as_version=4)
     install = next(c for c in nb.cells if c.cell_type == "code")
     assert "%pip install" in install.source and "ANP_SKIP_INSTALL" in install.source

@@ -246,12 +246,14 @@ def get_builder(name: str, data_dir: str | None = None, download: bool = False,
     data_dir = data_dir or default_data_dir()
     what = repr(name) if not for_dataset or for_dataset == name else \
         f"{name!r} (the training split of {for_dataset!r})"
-    try:
+    def open_builder():
         if spec.embedded:
-            builder = builders.BUILDERS[spec.tfds_name](data_dir=data_dir)
-        else:
-            with _quiet_absl():  # "Variant folder ... has no dataset_info.json" when absent
-                builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+            return builders.BUILDERS[spec.tfds_name](data_dir=data_dir)
+        with _quiet_absl():  # "Variant folder ... has no dataset_info.json" when absent
+            return tfds.builder(spec.tfds_name, data_dir=data_dir)
+
+    try:
+        builder = open_builder()
     except Exception as err:  # e.g. an unknown builder config, a missing dependency
         raise DatasetError(f"dataset {what} cannot be opened in {data_dir}: "
                            f"{_first_line(err)}") from None
@@ -268,6 +270,11 @@ def get_builder(name: str, data_dir: str | None = None, download: bool = False,
             raise DatasetError(f"dataset {what} could not be prepared in {data_dir}: {err}"
                                ) from None
         except Exception as err:  # a failed download or preparation: report it in one line
+            # Jobs started together on a fresh data_dir prepare it side by side: TFDS then
+            # fails to move all but the first copy into place, and that one is complete.
+            builder = open_builder()
+            if builder.is_prepared():
+                return builder
             raise DatasetError(
                 f"dataset {what} could not be prepared in {data_dir}: {_first_line(err)}; "
                 f"{_how_to_get(name, spec, data_dir)}") from None
