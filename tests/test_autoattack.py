@@ -336,6 +336,18 @@ def test_cascade_never_raises_robust_accuracy_and_checks(trained):
     assert all(b <= a for a, b in zip(curve, curve[1:]))
     assert record["stages"][0]["num_attacked"] == round(clean * len(y))
     assert record["robust_accuracy"] == curve[-1]
+    # A subset's record from the per-example stages: the whole set gives back the cascade's
+    # own counts; the first 10 examples their flags and their clean accuracy.
+    whole = aa.restrict(record, slice(None))
+    assert whole["clean_accuracy"] == pytest.approx(clean)
+    for mine, theirs in zip(whole["stages"], record["stages"]):
+        assert mine["num_attacked"] == theirs["num_attacked"]
+        assert mine["robust_accuracy"] == pytest.approx(theirs["robust_accuracy"])
+    part = aa.restrict(record, slice(0, 10))
+    pred = np.argmax(np.asarray(apply_fn({"params": params}, x[:10])), -1)
+    assert part["num_examples"] == 10 and part["clean_accuracy"] == np.mean(pred == y[:10])
+    assert part["robust"] == record["robust"][:10]
+    assert part["robust_accuracy"] == np.mean(record["robust"][:10])
     alone = {name: aa.autoattack(*args, only=(name,), **kwargs)["robust_accuracy"]
              for name in ("apgd-ce", "apgd-t", "square")}
     for name, acc in alone.items():

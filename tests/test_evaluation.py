@@ -161,18 +161,22 @@ def _stage_record(flags_after, clean_flags):
     """A cascade record by hand: per-stage per-example robust flags -> accuracies."""
     stages = [{"attack": name, "num_attacked": 0, "robust_accuracy": float(np.mean(f)),
                "seconds": 1.0} for name, f in flags_after]
+    fooled_at = np.where(clean_flags, -1, 0)
+    for i, (_, f) in reversed(list(enumerate(flags_after, 1))):
+        fooled_at[~np.asarray(f) & np.asarray(clean_flags)] = i  # the first stage wins
     return {"norm": "linf", "eps": 0.1, "version": "standard",
             "clean_accuracy": float(np.mean(clean_flags)), "stages": stages,
             "robust_accuracy": stages[-1]["robust_accuracy"],
             "robust_accuracy_after": {s["attack"]: s["robust_accuracy"] for s in stages},
             "seconds": {"clean": 0.5, "total": 4.5}, "attacks": [],
-            "robust": [bool(r) for r in flags_after[-1][1]]}
+            "robust": [bool(r) for r in flags_after[-1][1]], "fooled_at": fooled_at.tolist()}
 
 
 def test_autoattack_sanity_catches_a_weakened_attack(monkeypatch):
     """A stand-in cascade whose doubled run is 0.05 lower (an unconverged attack): the
-    evaluator's strength check fails with a warning; the sanity runs see only the subset,
-    and the reported record (subset + rest, merged) is the mean over all examples."""
+    evaluator's strength check fails with a warning; the sanity runs see only the subset
+    and are compared with the cascade's outcome on it; the reported record is over all
+    examples."""
     from anp_jax.evaluation import autoattack as real
 
     model, x, y, _ = _linear(n=20)
@@ -198,16 +202,16 @@ def test_autoattack_sanity_catches_a_weakened_attack(monkeypatch):
     import anp_jax.evaluation
 
     stand_in = types.SimpleNamespace(autoattack=cascade, sanity_runs=sanity_runs,
-                                     sanity_checks=real.sanity_checks)  # the real checks
+                                     sanity_checks=real.sanity_checks,  # the real checks
+                                     restrict=real.restrict)
     monkeypatch.setitem(sys.modules, "anp_jax.evaluation.autoattack", stand_in)
     monkeypatch.setattr(anp_jax.evaluation, "autoattack", stand_in)
     runner = Runner(padded_batches(x, y, 2, 4), devices=jax.local_devices()[:4])
     ev = autoattack_evaluator.Evaluator(runner, [("linf", 0.1), ("linf", 0.2)],
                                         sanity_examples=8)
     out = dict(ev.run(model))
-    # The first budget: all 20; at the last: the 8 subset examples, then the 12 others, and
-    # the sanity runs on the 8.
-    assert [c[0] for c in calls] == [20, 8, 12, 8, 8, 8]
+    # Each budget: all 20 (one cascade); at the last, the sanity runs on the first 8.
+    assert [c[0] for c in calls] == [20, 20, 8, 8, 8]
     by_name = {c["name"]: c for c in ev.checks}
     # Subset of 8: reported robust 6/8 = 0.75; doubled: examples 0, 4 (%4) and 1 (%10)
     # fooled -> 5/8 = 0.625, lower by more than 0.01.
@@ -220,13 +224,14 @@ def test_autoattack_sanity_catches_a_weakened_attack(monkeypatch):
     assert sanity_out["num_examples"] == 8 and (sanity_out["norm"], sanity_out["eps"]) == (
         "linf", 0.2)
     assert sanity_out["runs"]["double"]["robust_accuracy"] == pytest.approx(0.625)
-    # Merged record over 20: (6 + 9) / 20 robust (indices % 4 != 0 in each part).
+    assert sanity_out["reported_on_subset"] == pytest.approx(0.75)
+    # The record over 20: 15 / 20 robust (indices % 4 != 0).
     r = out["records"]["linf_0.2"]
     assert r["num_examples"] == 20 and r["robust_accuracy"] == pytest.approx(15 / 20)
     assert r["stages"][0]["robust_accuracy"] == pytest.approx(15 / 20)
-    assert r["seconds"]["total"] == pytest.approx(9.0) and "robust" not in r
-    np.testing.assert_array_equal(ev.records["linf_0.2"]["robust"],
-                                  np.r_[np.arange(8) % 4 != 0, np.arange(12) % 4 != 0])
+    assert r["seconds"]["total"] == pytest.approx(4.5)
+    assert "robust" not in r and "fooled_at" not in r
+    np.testing.assert_array_equal(ev.records["linf_0.2"]["robust"], np.arange(20) % 4 != 0)
     # A converged attack (doubled run equal) passes: no warning.
     calls.clear()
     monkeypatch.setattr(stand_in, "sanity_runs", lambda *a, **k: {"double": cascade(*a, **k)})

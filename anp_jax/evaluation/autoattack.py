@@ -1033,7 +1033,9 @@ def autoattack(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: 
       ``seconds``),
       ``robust_accuracy_after`` (attack -> robust accuracy after that stage),
       ``robust_accuracy`` (the final worst case), ``seconds`` (per attack, ``clean`` and
-      ``total``) and ``robust`` (per example, robust to every attack; a list of bools).
+      ``total``), ``robust`` (per example, robust to every attack; a list of bools) and
+      ``fooled_at`` (per example: ``-1`` robust, ``0`` misclassified clean, ``i`` first
+      fooled by the ``i``-th stage; :func:`restrict` makes a subset's record from it).
     """
     attacks.check_norm(norm)
     plan = attack_plan(version, double=double, only=only)
@@ -1058,16 +1060,18 @@ def autoattack(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: 
     robust = np.concatenate([_unpad(run(_clean_kernel, {}, args), m)
                              for args, m in run.batches([x, y])])
     clean = float(robust.mean())
+    fooled_at = np.where(robust, -1, 0)
     seconds = {"clean": time.perf_counter() - t_start}
     stages = []
     key = jax.random.PRNGKey(seed)
-    for spec in plan:
+    for number, spec in enumerate(plan, 1):
         t0 = time.perf_counter()
         idx = np.flatnonzero(robust)
         # Keys follow the attack's place in the version, so `only` runs draw the same.
         stage_key = jax.random.fold_in(key, names.index(spec["name"]))
-        robust[_run_stage(run, spec, x, y, idx, eps, norm, stage_key, num_classes,
-                          host_loop, square_chunk)] = False
+        fooled = _run_stage(run, spec, x, y, idx, eps, norm, stage_key, num_classes,
+                            host_loop, square_chunk)
+        robust[fooled], fooled_at[fooled] = False, number
         seconds[spec["name"]] = time.perf_counter() - t0
         stages.append({"attack": spec["name"], "num_attacked": int(len(idx)),
                        "robust_accuracy": float(robust.mean()),
@@ -1093,7 +1097,30 @@ def autoattack(apply_fn: Callable, params: PyTree, batch_stats: PyTree, images: 
         "robust_accuracy": float(robust.mean()),
         "seconds": seconds,
         "robust": [bool(r) for r in robust],
+        "fooled_at": [int(f) for f in fooled_at],
     }
+
+
+def restrict(record: dict, rows: slice | Sequence[int] | np.ndarray) -> dict:
+    """The record of :func:`autoattack` on the examples ``rows`` alone: the same cascade's
+    outcome on them (clean accuracy, robust accuracy after each stage, the worst case and
+    the per-example flags), from its per-example ``fooled_at``.  Every attack acts on each
+    example on its own, so this is a record of the cascade run on those examples.  Their
+    share of the time is not known: ``seconds`` and the stages' ``seconds`` are ``None``."""
+    fooled_at = np.asarray(record["fooled_at"])[rows]
+    if not fooled_at.size:
+        raise ValueError("restrict: no examples selected")
+    stages = [{"attack": s["attack"],
+               "num_attacked": int(((fooled_at == -1) | (fooled_at >= i)).sum()),
+               "robust_accuracy": float(((fooled_at == -1) | (fooled_at > i)).mean()),
+               "seconds": None}
+              for i, s in enumerate(record["stages"], 1)]
+    robust = fooled_at == -1
+    return {**record, "num_examples": int(fooled_at.size),
+            "clean_accuracy": float((fooled_at != 0).mean()), "stages": stages,
+            "robust_accuracy_after": {s["attack"]: s["robust_accuracy"] for s in stages},
+            "robust_accuracy": float(robust.mean()), "seconds": None,
+            "robust": [bool(r) for r in robust], "fooled_at": [int(f) for f in fooled_at]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,32 +30,6 @@ VERSIONS = {
 }
 
 
-def merge_records(parts: Sequence[dict]) -> dict:
-    """One :func:`~anp_jax.evaluation.autoattack.autoattack` record of the examples of
-    ``parts`` (records of consecutive, disjoint slices of one split, same budget and
-    version), in their order: accuracies weighted by the number of examples, counts and
-    seconds summed, per-example ``robust`` flags concatenated."""
-    first = parts[0]
-    sizes = [len(p["robust"]) for p in parts]
-    n = sum(sizes)
-
-    def mean(values: Sequence[float]) -> float:
-        return float(sum(v * m for v, m in zip(values, sizes)) / n)
-
-    stages = [{"attack": s["attack"],
-               "num_attacked": sum(p["stages"][i]["num_attacked"] for p in parts),
-               "robust_accuracy": mean([p["stages"][i]["robust_accuracy"] for p in parts]),
-               "seconds": sum(p["stages"][i]["seconds"] for p in parts)}
-              for i, s in enumerate(first["stages"])]
-    seconds = {k: sum(p["seconds"][k] for p in parts) for k in first["seconds"]}
-    return {**first, "num_examples": n, "stages": stages,
-            "clean_accuracy": mean([p["clean_accuracy"] for p in parts]),
-            "robust_accuracy_after": {s["attack"]: s["robust_accuracy"] for s in stages},
-            "robust_accuracy": mean([p["robust_accuracy"] for p in parts]),
-            "seconds": seconds,
-            "robust": [bool(r) for p in parts for r in p["robust"]]}
-
-
 class Evaluator:
     """Robust accuracy under AutoAttack at each ``(norm, eps)`` of ``budgets``, with its
     sanity checks (:func:`anp_jax.evaluation.autoattack.sanity_checks`).
@@ -69,8 +43,9 @@ class Evaluator:
       sanity_examples: the sanity runs (the cascade at twice the iterations, Square alone,
         APGD-T alone) attack the first this many examples of the split at the last (largest)
         budget only, to bound their cost (0: no sanity runs): there the attacks converge
-        slowest and the cascade, with few survivors, is cheapest.  The main cascade runs on those
-        examples and on the rest separately, so the checks compare like with like.
+        slowest and the cascade, with few survivors, is cheapest.  The checks compare them
+        with the main cascade's outcome on the same examples
+        (:func:`~anp_jax.evaluation.autoattack.restrict`).
       tolerance: of the sanity checks, in robust accuracy.
 
     After :meth:`run`, ``self.records[budget key]`` is the record with ``norm``, ``eps``,
@@ -112,12 +87,11 @@ class Evaluator:
         for i, (norm, eps) in enumerate(self.budgets):
             t0 = time.perf_counter()
             k = min(self.sanity_examples, len(labels)) if i == last else 0
-            # The sanity subset first, then the rest: the checks compare the same examples.
-            slices = [s for s in (slice(0, k), slice(k, None)) if len(labels[s])] if k else [
-                slice(None)]
-            parts = [dict(autoattack.autoattack(*args, images[s], labels[s], norm=norm,
-                                                eps=eps, **kwargs)) for s in slices]
-            out = merge_records(parts) if len(parts) > 1 else parts[0]
+            out = dict(autoattack.autoattack(*args, images, labels, norm=norm, eps=eps,
+                                             **kwargs))
+            # The checks compare the sanity runs with this cascade on the same examples.
+            subset = autoattack.restrict(out, slice(0, k)) if k else None
+            out.pop("fooled_at", None)
             robust = np.asarray(out.pop("robust"), bool).reshape(-1)
             record = {**out, "norm": norm, "eps": eps, "version": self.version,
                       "attack": VERSIONS[self.version],
@@ -133,11 +107,11 @@ class Evaluator:
                 runs = autoattack.sanity_runs(*args, images[:k], labels[:k], norm=norm,
                                               eps=eps, **kwargs)
                 self.checks, self.warnings = autoattack.sanity_checks(
-                    parts[0], runs, self.tolerance)
+                    subset, runs, self.tolerance)
                 self.sanity = {
                     "norm": norm, "eps": eps, "num_examples": k,
                     "subset": f"the first {k} test examples at the last AutoAttack budget",
-                    "reported_on_subset": parts[0]["robust_accuracy"],
+                    "reported_on_subset": subset["robust_accuracy"],
                     "runs": {name: {"robust_accuracy": r["robust_accuracy"],
                                     "seconds": r["seconds"]["total"],
                                     "attacks": r["attacks"]} for name, r in runs.items()},
