@@ -180,17 +180,27 @@ def representation_change(apply_fn: ApplyFn, variables: Mapping[str, PyTree], x:
 def random_orthonormal_directions(rng: jax.Array, batch: int, shape: tuple[int, ...],
                                   num_directions: int) -> jax.Array:
     """``[B, N, *shape]``: for each example, ``N`` orthonormal directions (in the flattened
-    input space, Haar-distributed) drawn by QR of a Gaussian matrix."""
+    input space, Haar-distributed): the Q of the QR factorisation of a Gaussian matrix with
+    R's diagonal positive, which is what Gram-Schmidt gives.
+
+    Gram-Schmidt (each column orthogonalised twice against the ones before, "twice is
+    enough") in plain array operations rather than ``jnp.linalg.qr``: on several XLA:CPU
+    devices LAPACK's batched QR kernels of the devices wait on one thread pool and can
+    deadlock (seen with 2 host devices), and N is small."""
     dim = 1
     for s in shape:
         dim *= s
     if not 1 <= num_directions <= dim:
         raise ValueError(f"num_directions must be in 1..{dim}, got {num_directions}")
     g = jax.random.normal(rng, (batch, dim, num_directions), jnp.float32)
-    q, r = jnp.linalg.qr(g)
-    # Fix the signs so that the distribution is uniform (Haar), not biased by QR.
-    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
-    return jnp.swapaxes(q, 1, 2).reshape((batch, num_directions) + tuple(shape))
+    q = []
+    for j in range(num_directions):
+        v = g[:, :, j]
+        for _ in range(2 if j else 0):
+            basis = jnp.stack(q, axis=1)  # [B, j, D]
+            v = v - jnp.einsum("bjd,bj->bd", basis, jnp.einsum("bjd,bd->bj", basis, v))
+        q.append(v / jnp.linalg.norm(v, axis=-1, keepdims=True))
+    return jnp.stack(q, axis=1).reshape((batch, num_directions) + tuple(shape))
 
 
 def boundary_distance(logits_fn: LogitsFn, x: jax.Array, rng: jax.Array | None = None, *,

@@ -213,6 +213,10 @@ def _define_eval(fv) -> None:
                         "the mCE", flag_values=fv)
     flags.DEFINE_bool("quick", False, "a reduced set of attacks, budgets, corruptions and "
                       "frames", flag_values=fv)
+    flags.DEFINE_integer("cpu_devices", -1, "XLA host devices the evaluation is split over "
+                         "on CPU (-1: one per core this process may use; 0: leave XLA_FLAGS "
+                         "alone; also left alone when XLA_FLAGS sets a device count)",
+                         flag_values=fv)
 
 
 def _flags_help(fv, names: list[str]) -> str:
@@ -295,6 +299,25 @@ def setup_compile_cache(enabled: bool = True, directory: str = "") -> str | None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def split_host(num_devices: int = -1) -> int | None:
+    """Splits the CPU into ``num_devices`` XLA host devices (``-1``: one per core this process
+    may use) by adding ``--xla_force_host_platform_device_count`` to ``XLA_FLAGS``, unless it
+    is ``0`` or ``XLA_FLAGS`` already sets a count.  The evaluation pmaps over the local
+    devices, and one XLA:CPU device runs the small convolutions of the attacks on about one
+    thread: on 2 cores, 2 devices run AutoAttack about 20% faster (README.md).  Only
+    effective before JAX initialises its backends; accelerators are unaffected.  Returns the
+    count set, or None."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if num_devices == 0 or "xla_force_host_platform_device_count" in flags_now:
+        return None
+    if num_devices < 0:
+        num_devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    os.environ["XLA_FLAGS"] = (
+        f"{flags_now} --xla_force_host_platform_device_count={num_devices}".strip())
+    return num_devices
 
 
 def keep_freed_memory(enabled: bool = True) -> bool:
@@ -398,6 +421,10 @@ def _eval(argv: list[str]) -> int:
         _error(f"{overrides[0].split('=')[0]}: eval uses the config the run was trained "
                "with; config overrides apply to train")
         return 2
+    if fv.cpu_devices < -1:
+        _error(f"--cpu_devices must be -1, 0 or a count, got {fv.cpu_devices}")
+        return 2
+    split_host(fv.cpu_devices)
     _quiet_python_logs()
     setup_compile_cache(fv.compile_cache, fv.compile_cache_dir)
     keep_freed_memory(fv.tune_malloc)

@@ -150,8 +150,8 @@ def make_plan(dataset: str, quick: bool = False) -> Plan:
 def _load(workdir: str, log: Callable[[str], None]):
     from anp_jax.evaluation.run import RunError, load_run
 
-    try:
-        return load_run(workdir, log=log)
+    try:  # on every local device, whatever the training used (`anp-jax eval --cpu_devices`)
+        return load_run(workdir, num_devices=-1, log=log)
     except RunError as err:
         raise ReportError(str(err)) from None
 

@@ -151,3 +151,26 @@ def test_keep_freed_memory_is_glibcs_and_optional():
     assert cli.keep_freed_memory(False) is False  # --notune_malloc: the allocator untouched
     if sys.platform.startswith("linux"):  # glibc's mallopt accepts both settings
         assert cli.keep_freed_memory(True) is True
+
+
+def test_split_host_sets_one_cpu_device_per_core_unless_told(monkeypatch):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert cli.split_host() == cores
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={cores}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    assert cli.split_host(3) == 3
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_backend_optimization_level=0",
+                                               "--xla_force_host_platform_device_count=3"]
+    # A count the user set, or 0, leaves XLA_FLAGS alone.
+    assert cli.split_host(5) is None and "count=3" in os.environ["XLA_FLAGS"]
+    monkeypatch.delenv("XLA_FLAGS")
+    assert cli.split_host(0) is None and "XLA_FLAGS" not in os.environ
+
+
+def test_eval_rejects_a_negative_device_count(tmp_path, capsys):
+    assert cli.main(["eval", f"--workdir={tmp_path}", "--cpu_devices=-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cpu_devices" in err

@@ -349,6 +349,16 @@ def test_boundary_distance_of_a_linear_classifier():
     flat = np.asarray(dirs).reshape(6, 5, -1)
     np.testing.assert_allclose(np.einsum("bnd,bmd->bnm", flat, flat),
                                np.broadcast_to(np.eye(5), (6, 5, 5)), atol=1e-5)
+    # The Q of numpy's (LAPACK's) QR of the same Gaussian draws, signed so that R's
+    # diagonal is positive.
+    g = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (6, 16, 5)), np.float64)
+    q, r = np.linalg.qr(g)
+    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+    np.testing.assert_allclose(flat, np.swapaxes(q, 1, 2), atol=1e-5)
+    # No LAPACK call (its batched kernels deadlocked the evaluation on 2 CPU devices).
+    hlo = jax.jit(lambda k: analysis.random_orthonormal_directions(k, 6, shape, 5)).lower(
+        jax.random.PRNGKey(1)).as_text()
+    assert "custom_call" not in hlo and "lapack" not in hlo
     max_d, coarse, fine = 6.0, 12, 10
     out = jax.jit(lambda x_, d_: analysis.boundary_distance(
         logits_fn, x_, directions=d_, max_distance=max_d, coarse=coarse, fine=fine))(x, dirs)
