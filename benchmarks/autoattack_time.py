@@ -12,9 +12,9 @@ attacked; otherwise the default configuration (``anp_jax/configs/default.py``, w
 :func:`anp_jax.evaluation.autoattack.autoattack` on the test split (its first
 ``--examples``, default all), one budget after the
 other in one process, so the first one pays the compilations and the later ones reuse them.
-On CPU, ``--cpu-devices`` (default: the number of CPUs) splits the host into that many XLA
-devices, so that the pmapped attacks run one thread per core (a single XLA:CPU device runs
-these small convolutions on one thread).
+On CPU, ``--cpu-devices`` (default -1: one per core) splits the host into that many XLA
+devices (:func:`anp_jax.cli.split_host`), so that the pmapped attacks run one thread per
+core (a single XLA:CPU device runs these small convolutions on one thread).
 ``--kernels`` instead times the passes the attacks are made of, on one batch of ``--batch``
 test images of the run's model, each jitted on its own (median of 10 calls after a
 warm-up, milliseconds): the forward pass, APGD's loss and input gradient, one APGD step
@@ -49,8 +49,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="who drives the attack iterations (see autoattack())")
     parser.add_argument("--square-chunk", type=int, default=500,
                         help="Square queries between compactions")
-    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1,
-                        help="XLA host devices on CPU (0: leave XLA_FLAGS alone)")
+    parser.add_argument("--cpu-devices", type=int, default=-1,
+                        help="XLA host devices on CPU (-1: one per core; 0: leave XLA_FLAGS "
+                        "alone)")
     parser.add_argument("--examples", type=int, default=0,
                         help="attack the first N test examples (default 0: all)")
     parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
@@ -119,9 +120,9 @@ def kernel_times(run, images, labels, batch: int, eps: float) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.cpu_devices > 0:  # before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
-                                   f"platform_device_count={args.cpu_devices}").strip()
+    from anp_jax.cli import split_host
+
+    split_host(args.cpu_devices)  # before jax is imported
     import jax
 
     from anp_jax.evaluation import autoattack

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from conftest import cli_env
-from procs import with_repo_on_path, xla_flags
+from procs import PATIENT_COLLECTIVES, with_repo_on_path, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -27,11 +27,14 @@ IN_PROCESS = ["--nocompile_cache"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _study(script, args, data_dir):
+def _study(script, args, data_dir, split=False):
     """``python -m experiments.SCRIPT ARGS`` on two CPU devices, as a user runs it: the
     studies' trainings and evaluations compile with XLA's full optimisation (the test
-    process compiles quickly but runs slowly) and share the session's compilation cache."""
+    process compiles quickly but runs slowly) and share the session's compilation cache.
+    ``split``: XLA_FLAGS without a device count, so the script splits the CPU itself."""
     env = with_repo_on_path(cli_env(data_dir, devices=2))
+    if split:
+        env["XLA_FLAGS"] = PATIENT_COLLECTIVES
     proc = subprocess.run([sys.executable, "-m", f"experiments.{script}", *args], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,15 +108,20 @@ def test_methods(data_dir, tmp_path):
 
 
 def test_autoattack_column(data_dir, tmp_path):
-    """The robust column is AutoAttack's worst case, named, and its evaluation is cached."""
+    """The robust column is AutoAttack's worst case, named, and its evaluation is cached.
+    The script splits the CPU into 2 host devices (--cpu_devices): the run trains on one
+    (config num_devices -1), the evaluation runs on both."""
     from experiments import methods
 
     out = tmp_path / "aa"
     args = ["--out", str(out), "--seeds", "0", "--epochs", "1", "--attacks", "pgd2_linf_0.1",
-            "--corruptions", "none", "--config.num_devices=2", "--autoattack", "quick",
+            "--corruptions", "none", "--autoattack", "quick",
             "--autoattack_examples", "32", "--methods", "vanilla"]
-    _study("methods", args, data_dir)
+    _study("methods", [*args, "--cpu_devices=2"], data_dir, split=True)
     args += IN_PROCESS
+    workdir = next(out.glob("runs/*/config.json")).parent
+    assert json.loads((workdir / "config.json").read_text())["num_devices"] == 1
+    assert json.loads((workdir / "evaluation.json").read_text())["report"]["num_devices"] == 2
     data = json.loads((out / "results.json").read_text())
     (run,) = data["runs"]
     assert run["robust_attack"].startswith("AutoAttack quick preset")
