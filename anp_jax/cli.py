@@ -308,7 +308,9 @@ def split_host(num_devices: int = -1) -> int | None:
     devices, and one XLA:CPU device runs the small convolutions of the attacks on about one
     thread: on 2 cores, 2 devices run AutoAttack about 20% faster (README.md).  Only
     effective before JAX initialises its backends; accelerators are unaffected.  Returns the
-    count set, or None."""
+    count set, or None.  Raises ValueError (one line naming ``--cpu_devices``) below -1."""
+    if num_devices < -1:
+        raise ValueError(f"--cpu_devices must be -1, 0 or a count, got {num_devices}")
     flags_now = os.environ.get("XLA_FLAGS", "")
     if num_devices == 0 or "xla_force_host_platform_device_count" in flags_now:
         return None
@@ -421,10 +423,11 @@ def _eval(argv: list[str]) -> int:
         _error(f"{overrides[0].split('=')[0]}: eval uses the config the run was trained "
                "with; config overrides apply to train")
         return 2
-    if fv.cpu_devices < -1:
-        _error(f"--cpu_devices must be -1, 0 or a count, got {fv.cpu_devices}")
+    try:
+        split_host(fv.cpu_devices)
+    except ValueError as err:
+        _error(str(err))
         return 2
-    split_host(fv.cpu_devices)
     _quiet_python_logs()
     setup_compile_cache(fv.compile_cache, fv.compile_cache_dir)
     keep_freed_memory(fv.tune_malloc)

@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from anp_jax.cli import split_host
 
-    split_host(args.cpu_devices)  # before jax is imported
+    try:
+        split_host(args.cpu_devices)  # before jax is imported
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     import jax
 
     from anp_jax.evaluation import autoattack

@@ -256,12 +256,13 @@ def parse(p: Parser, argv: Sequence[str] | None, script: str,
     args, config, fv = p.parse_args(argv, f"python -m experiments.{script}")
     if not args.out:
         p.error("--out is required")
-    if args.cpu_devices < -1:
-        p.error(f"--cpu_devices={args.cpu_devices}: expected -1 (one per core), 0 or a count")
     # Before JAX starts its backends. The evaluation pmaps over every local device (AutoAttack
     # about 20% faster on 2 cores with 2 devices); training stays on one device, so a run's
     # result and its hash do not depend on the split.
-    split = cli.split_host(args.cpu_devices)
+    try:
+        split = cli.split_host(args.cpu_devices)
+    except ValueError as err:
+        p.error(str(err))
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
