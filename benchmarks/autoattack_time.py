@@ -49,9 +49,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="who drives the attack iterations (see autoattack())")
     parser.add_argument("--square-chunk", type=int, default=500,
                         help="Square queries between compactions")
-    parser.add_argument("--cpu-devices", type=int, default=-1,
+    parser.add_argument("--cpu-devices", "--cpu_devices", type=int, default=-1,
+                        dest="cpu_devices",
                         help="XLA host devices on CPU (-1: one per core; 0: leave XLA_FLAGS "
-                        "alone)")
+                        "alone); also spelled --cpu_devices, as in anp-jax eval")
     parser.add_argument("--examples", type=int, default=0,
                         help="attack the first N test examples (default 0: all)")
     parser.add_argument("--sanity", action="store_true", help="also run the sanity checks")
