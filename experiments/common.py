@@ -779,11 +779,15 @@ def accuracy_columns(runner: Runner, name: str) -> list[str]:
 def masking_notes(runner: Runner, names: Sequence[str], settings: Settings) -> list[str]:
     """Signs of gradient masking in each run (per seed): the failed checks of
     :func:`anp_jax.evaluation.sanity.attack_checks` on its attack accuracies (PGD above
-    FGSM at the same budget, an attack doing better at a larger budget, ...)."""
+    FGSM at the same budget, an attack doing better at a larger budget, ...), and the
+    reported worst case above PGD alone at PGD's budget.  That last check needs both on
+    the same images: with AutoAttack on the first N test images and PGD on all of them it
+    is not made (the subset's own accuracy differs by its sampling error)."""
     from anp_jax.evaluation import sanity
 
     pgd_budget = None
-    if settings.pgd_id:
+    same_images = settings.plan is None or not settings.plan.autoattack_examples
+    if settings.pgd_id and same_images:
         from anp_jax.evaluation import attacks as attack_eval
 
         _, norm, eps, _ = attack_eval.parse_id(settings.pgd_id)

@@ -251,6 +251,30 @@ def test_common_helpers():
     assert (v.method, v.anp.k, config.anp.k) == ("replay", 3, 2)
 
 
+def test_masking_notes_compare_like_with_like():
+    """A reported worst case above PGD alone is flagged only when both ran on the same
+    images: AutoAttack on the first 1,000 test images against PGD on all of them is two
+    samples, and the easier subset may score higher without any masking."""
+    import types
+
+    from experiments import common
+
+    rec = {"adversarial": {"fgsm_linf_0.1": 0.50, "pgd2_linf_0.1": 0.40}, "pgd": 0.40,
+           "robust_budgets": {"linf_0.1": 0.45}, "robust_attacks": {"linf_0.1": "AA"}}
+    runner = types.SimpleNamespace(records={"anp": {0: rec}})
+
+    def notes(autoattack_examples):
+        plan = types.SimpleNamespace(autoattack_examples=autoattack_examples)
+        settings = types.SimpleNamespace(pgd_id="pgd2_linf_0.1", plan=plan)
+        return common.masking_notes(runner, ["anp"], settings)
+
+    (note,) = notes(None)  # the same (all) images: 0.45 above 0.40 is a failed check
+    assert note.startswith("anp seed 0: the reported worst case at linf_0.1 (0.4500")
+    assert notes(1000) == []  # a subset against all images: not compared
+    rec["adversarial"]["pgd2_linf_0.1"] = 0.55  # PGD above FGSM: flagged on any subset
+    assert len(notes(1000)) == 1
+
+
 def test_notebook(data_dir, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
