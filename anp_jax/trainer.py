@@ -64,7 +64,11 @@ from anp_jax.models import MODELS, create_model, select_layers
 
 # Adversarial-training methods and the adversary they use; "anp_" + any of them adds ANP.
 ADVERSARIES = {"pgd_at": "pgd", "trades": "trades", "fast_at": "fast", "free_at": "free"}
-METHODS = ("vanilla", "anp", "replay", *ADVERSARIES, *(f"anp_{m}" for m in ADVERSARIES))
+# The controls of the combinations: each adversarial training with ANP's k updates per
+# mini-batch and no noise, as "replay" is ANP's (Free-AT replays every mini-batch already).
+AT_REPLAYS = tuple(f"replay_{m}" for m in ADVERSARIES if m != "free_at")
+METHODS = ("vanilla", "anp", "replay", *ADVERSARIES, *(f"anp_{m}" for m in ADVERSARIES),
+           *AT_REPLAYS)
 ANP_SCHEDULES = ("constant", "official", "linear", "cosine", "piecewise")
 LR_SCHEDULES = ("constant", "cosine", "step")
 
@@ -226,7 +230,7 @@ def make_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Sch
                  "k": schedules.constant(a.k)}
     if not config.method.startswith("anp"):
         k = schedules.constant(1)
-        if config.method == "replay":
+        if config.method == "replay" or config.method.startswith("replay_"):
             k = noise["k"]
         noise = {"eps": schedules.constant(0.0), "alpha": schedules.constant(0.0), "k": k}
     if config.method.endswith("free_at"):  # Free-AT replays each mini-batch
@@ -272,7 +276,7 @@ def build_noise_transform(config: ml_collections.ConfigDict
 
 def make_adversary(config: ml_collections.ConfigDict) -> Adversary | None:
     """The adversary of an adversarial-training method, or None."""
-    kind = ADVERSARIES.get(config.method.removeprefix("anp_"))
+    kind = ADVERSARIES.get(config.method.removeprefix("anp_").removeprefix("replay_"))
     if kind is None:
         return None
     a = config.adv

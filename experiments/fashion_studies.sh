@@ -38,8 +38,10 @@ step() {
     layers) run layers layers --points input --groups hidden,all ;;
     # ... and single-step L2 adversarial training on the input at ANP's peak budget.
     l2at) run l2at methods --methods fast_at --config.adv.norm=l2 --config.adv.epsilon=1.0 ;;
-    # Claim 3: ANP added to adversarial training (L-inf 0.1, the usual Fashion budget).
-    at) run at methods --methods vanilla,replay,pgd_at,fast_at,trades,anp_pgd_at,anp_fast_at,anp_trades ;;
+    # Claim 3: ANP added to adversarial training (L-inf 0.1, the usual Fashion budget), and
+    # each combination's control: the same adversarial training with ANP's updates per
+    # mini-batch and no noise.
+    at) run at methods --methods vanilla,replay,pgd_at,fast_at,trades,anp_pgd_at,anp_fast_at,anp_trades,replay_pgd_at,replay_fast_at,replay_trades ;;
     # Claim 2: shallow against deep, each point alone.
     points) run points layers ;;
     # eps and k one at a time (constant schedule), and the schedules side by side.

@@ -3,7 +3,10 @@
     python -m experiments.methods --out runs/exp/methods [--seeds 0,1,2,3,4] [--epochs 10]
 
 Methods: vanilla, anp, replay (the control: ANP's k updates per mini-batch without noise),
-PGD-AT, TRADES, Fast-AT, Free-AT and each of the four combined with ANP. All at equal epochs
+PGD-AT, TRADES, Fast-AT, Free-AT, each of the four combined with ANP, and the controls of
+the combinations: replay_pgd_at, replay_trades and replay_fast_at (the adversarial training
+with ANP's k updates per mini-batch and no noise, so that a combination's gain over its
+control is the noise's, not the extra updates'). All at equal epochs
 (the paper's way); ``experiments.cost`` gives the time each takes. Writes ``results.md``,
 ``accuracy.png``, ``delta.png`` and ``results.json`` into ``--out``.
 """
@@ -69,11 +72,13 @@ def report(runner: common.Runner, settings: common.Settings, methods: Sequence[s
             _delta(runner, m, "vanilla", "robust"), _delta(runner, m, "replay", "robust"),
             _delta(runner, m, "replay", "corruption"),
             _delta(runner, m, ref, "robust") if ref else "",
+            _delta(runner, m, f"replay_{plain}", "robust") if m.startswith("anp_") else "",
             common.fmt(runner.values(m, "train_seconds"), 1),
         ])
     header = ["method", "updates / mini-batch", *common.accuracy_header(runner),
               "Δ robust vs vanilla", "Δ robust vs replay", "Δ corruption vs replay",
-              "Δ robust vs same AT without ANP", "train s (incl. compile)"]
+              "Δ robust vs same AT without ANP", "Δ robust vs same AT replay",
+              "train s (incl. compile)"]
     sections = [
         "## Accuracy by method (equal epochs)",
         common.table(header, rows),
@@ -127,6 +132,8 @@ def findings(runner: common.Runner, methods: Sequence[str]) -> list[str]:
     for at in ("pgd_at", "trades", "fast_at", "free_at"):
         claim(f"anp_{at} vs {at}, robust accuracy", f"anp_{at}", at, "robust")
         claim(f"anp_{at} vs {at}, mean corruption accuracy", f"anp_{at}", at, "corruption")
+        claim(f"anp_{at} vs replay_{at}, robust accuracy (what the noise adds to {at})",
+              f"anp_{at}", f"replay_{at}", "robust")
     return out or ["- (needs the runs of vanilla, replay and anp)"]
 
 

@@ -166,3 +166,31 @@ def test_combined_methods_train_under_pmap_and_resume_exactly(method, data_dir, 
     for key in ("clean_accuracy", "test_loss", "final_train_loss"):
         assert resumed[key] == whole[key], key
     assert np.isfinite(whole["final_train_loss"]) and whole["clean_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("at,kind", [("pgd_at", "pgd"), ("trades", "trades"),
+                                     ("fast_at", "fast")])
+def test_at_replay_is_the_combination_without_its_noise(at, kind):
+    """``replay_<at>``, the control of ``anp_<at>``: the same adversary and the same number
+    of updates per mini-batch (the official schedule stretched over 4 epochs: 1 in the
+    clean first third and last sixth, 3 between), no noise at any point."""
+    from anp_jax import trainer
+    from anp_jax.configs.default import get_config
+
+    def build(method):
+        c = get_config()
+        c.method, c.num_epochs, c.anp.schedule = method, 4, "official"
+        return (c, trainer.make_schedules(c), trainer.make_adversary(c),
+                trainer.selected_layers(c, ("input", "conv1", "conv2", "fc1")))
+
+    _, rep, rep_adv, rep_layers = build(f"replay_{at}")
+    _, comb, comb_adv, comb_layers = build(f"anp_{at}")
+    _, alone, alone_adv, _ = build(at)
+    assert rep_adv == comb_adv == alone_adv and rep_adv.kind == kind
+    assert rep_layers == () and len(comb_layers) == 4
+    for epoch, k in [(0.0, 1), (1.2, 1), (1.5, 3), (2.5, 3), (3.2, 3), (3.5, 1)]:
+        assert int(rep["k"](epoch)) == int(comb["k"](epoch)) == k, epoch
+        assert float(rep["eps"](epoch)) == float(rep["alpha"](epoch)) == 0.0
+        assert int(alone["k"](epoch)) == 1
+    assert float(comb["eps"](2.5)) == 1.0
+

@@ -56,6 +56,7 @@ def test_train_end_to_end(data_dir, tmp_path):
     ("--config.model=alexnet", "model"),
     ("--config.dataset=svhn", "dataset"),
     ("--config.method=magic", "method"),
+    ("--config.method=replay_free_at", "method"),  # Free-AT replays every batch already
     ("--config.dtype=float16", "dtype"),
     ("--config.input_pipeline=fast", "input_pipeline"),
     ("--config.eval.attacks=('pgd10_l7_0.1',)", "pgd10_l7_0.1"),

@@ -34,7 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = "digits_cnn"  # see anp_jax.models.MODELS
     # "vanilla", "anp", "replay" (k updates per mini-batch, no noise: ANP's control);
     # adversarial training "pgd_at", "trades", "fast_at", "free_at"; with ANP "anp_pgd_at",
-    # "anp_trades", "anp_fast_at", "anp_free_at".
+    # "anp_trades", "anp_fast_at", "anp_free_at"; their controls (the adversarial training
+    # with ANP's k updates per mini-batch, no noise) "replay_pgd_at", "replay_trades",
+    # "replay_fast_at".
     config.method = "anp"
     config.seed = 0  # parameter init, data order, augmentation, dropout and noise init
 
