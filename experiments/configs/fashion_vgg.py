@@ -16,7 +16,7 @@ wall time on 2 idle cores; ANP with k=2 doubles it.
 
 This config as it stands (seed 0, the real files, the idle 2-core machine, 2026-12-06; the
 commands below, with ``--config.method=vanilla`` for the plain run): plain training 0.916
-clean, PGD-10 L-inf 0.05 0.001, gaussian noise / impulse noise / motion blur / contrast at
+clean, PGD-10 L-inf 0.05 0.0005, gaussian noise / impulse noise / motion blur / contrast at
 severity 3: 0.820 / 0.855 / 0.793 / 0.170, 2,808 updates in 125 s (20-21 s per epoch), 4.1
 minutes with this evaluation; ANP 0.883 clean, PGD-10 0.600, 0.874 / 0.862 / 0.800 / 0.410,
 5,616 updates in 305 s (74-84 s per epoch at k=3), 7.0 minutes.  One seed and PGD-10 only
