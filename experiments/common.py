@@ -162,6 +162,10 @@ class Settings:
     pgd_id: str | None
     fgsm_id: str | None
     plan: object = None  # anp_jax.report.Plan run on every trained model, or None
+    # The config file's own ``anp`` section, before the command line's ``--config.anp.*``
+    # overrides: the fields a run without noise does not read are taken from it
+    # (:func:`without_unread_noise`), or None.
+    file_anp: object = None
     # Devices the runs train on when their config says -1 (all): 1 when the script split the
     # CPU into host devices for the evaluation (--cpu_devices) and runs on CPU, else None.
     train_devices: int | None = None
@@ -288,11 +292,12 @@ def parse(p: Parser, argv: Sequence[str] | None, script: str,
     cli.setup_compile_cache(fv.compile_cache, fv.compile_cache_dir)
     cli.keep_freed_memory(fv.tune_malloc)
     command = "python -m experiments." + script + (" " + shlex.join(argv) if argv else "")
+    file_anp = cli.load_config_file(fv["config"].config_filename).anp
     return args, Settings(script=script, out=args.out, seeds=seeds, epochs=epochs, base=config,
                           config_path=config_path, rerun=args.rerun,
                           store=args.store or os.path.join(args.out, "runs"), command=command,
                           pgd_id=pgd, fgsm_id=fgsm, plan=plan,
-                          train_devices=1 if split else None)
+                          train_devices=1 if split else None, file_anp=file_anp)
 
 
 def log(message: str) -> None:
@@ -311,6 +316,33 @@ def variant(base, **fields):
             node = node[part]
         node[leaf] = value
     return config
+
+
+# The noise fields that set a replay's updates per mini-batch (the k schedule).
+_K_FIELDS = ("schedule", "boundaries", "k_values", "k")
+
+
+def without_unread_noise(config, file_anp):
+    """``config`` with the ``anp`` fields its method does not read taken from ``file_anp``
+    (the config file's own ``anp`` section).
+
+    A run without noise (vanilla, adversarial training) reads no ``anp`` field, and a
+    replay (``replay``, ``replay_<at>``) only those of its k schedule: so a study that
+    changes the noise on the command line (``--config.anp.eps_values=...``) trains the
+    same controls as the study without the change, with the same hash, workdir and ledger
+    entry, instead of training them again.  Runs with noise are returned unchanged.
+    """
+    method = config.method
+    if file_anp is None or method.startswith("anp"):
+        return config
+    keep = _K_FIELDS if method == "replay" or method.startswith("replay_") else ()
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        out.anp = file_anp.copy_and_resolve_references()
+        for field in keep:
+            if field in config.anp:
+                out.anp[field] = config.anp[field]
+    return out
 
 
 def _describe(fn: Callable) -> str:
@@ -389,7 +421,7 @@ class Runner:
             **meta) -> dict:
         from anp_jax.trainer import train_and_evaluate
 
-        config = variant(config, seed=seed)
+        config = without_unread_noise(variant(config, seed=seed), self.settings.file_anp)
         key = {"config": _hashed_fields(_jsonable(config.to_dict())),
                "schedule_overrides": {k: _describe(v)
                                       for k, v in (schedule_overrides or {}).items()}}

@@ -27,6 +27,13 @@ run() {  # run STEP SCRIPT ARGS...
     --config "$CONFIG" --seeds "$SEEDS" "${EVAL[@]}" "$@"
 }
 
+scaled() {  # scaled STEP PEAK SHOULDER POINTS GROUPS: noise relative to each activation
+  run "$1" layers --points "$4" --groups "$5" --config.anp.scale_by_activation_norm=true \
+    --config.anp.schedule=piecewise "--config.anp.boundaries=(1.3333,2.0,2.6667,3.3333)" \
+    "--config.anp.eps_values=(0.0,$3,$2,$3,0.0)" \
+    "--config.anp.alpha_values=(0.0,0.7,1.0,0.7,0.0)" "--config.anp.k_values=(1,3,3,3,1)"
+}
+
 step() {
   case $1 in
     # Claim 1: ANP against vanilla and the replay control (same updates, no noise).
@@ -51,17 +58,17 @@ step() {
     # The official schedule's shape (stretched to 4 epochs, as anp.schedule="official")
     # with eps relative to the activation's norm: 0.082 at the peak is eps 1.0 at the
     # input for the mean Fashion-MNIST training image (L2 norm 12.15).
-    scaled) run scaled layers --points input --groups hidden,all \
-              --config.anp.scale_by_activation_norm=true --config.anp.schedule=piecewise \
-              "--config.anp.boundaries=(1.3333,2.0,2.6667,3.3333)" \
-              "--config.anp.eps_values=(0.0,0.025,0.082,0.025,0.0)" \
-              "--config.anp.alpha_values=(0.0,0.7,1.0,0.7,0.0)" \
-              "--config.anp.k_values=(1,3,3,3,1)" ;;
-    *) echo "unknown step $1; steps: methods time layers l2at at points hparams schedules scaled" >&2
+    scaled) scaled scaled 0.082 0.025 input hidden,all ;;
+    # The hidden points at smaller relative budgets: their activations' norms are 110
+    # (conv1), 98 (conv2), 19 (fc1) and 14 (fc2) in a trained plain LeNet, so 0.082 puts
+    # 8-9 times the absolute recipe's noise on the convolutions.
+    scaled_hidden) scaled scaled_0.03 0.03 0.009 none hidden
+                   scaled scaled_0.01 0.01 0.003 none hidden ;;
+    *) echo "unknown step $1; steps: methods time layers l2at at points hparams schedules scaled scaled_hidden" >&2
        return 2 ;;
   esac
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(methods time layers l2at at points hparams schedules scaled)
+[ ${#steps[@]} -gt 0 ] || steps=(methods time layers l2at at points hparams schedules scaled scaled_hidden)
 for s in "${steps[@]}"; do step "$s"; done

@@ -251,6 +251,38 @@ def test_common_helpers():
     assert (v.method, v.anp.k, config.anp.k) == ("replay", 3, 2)
 
 
+def test_controls_do_not_depend_on_the_noise_fields_they_do_not_read():
+    """A study that changes only the noise (``--config.anp.*``) trains the controls of the
+    study without the change: vanilla and adversarial training read no noise field, a
+    replay only its k schedule. Checked on what the trainer builds from each config."""
+    from anp_jax import trainer
+    from anp_jax.configs.default import get_config
+    from experiments import common
+
+    file_anp = get_config().anp
+    p = common.parser("doc", 4)
+    _, noisy, _ = p.parse_args(["--out", "x", "--config.anp.schedule=piecewise",
+                                "--config.anp.boundaries=(1.0,2.0)",
+                                "--config.anp.eps_values=(0.0,0.05,0.0)",
+                                "--config.anp.k_values=(1,3,1)",
+                                "--config.anp.scale_by_activation_norm=true"], "prog")
+    noisy.num_epochs = 4
+    for method in ("vanilla", "pgd_at"):
+        c = common.without_unread_noise(common.variant(noisy, method=method), file_anp)
+        assert c.anp.to_dict() == file_anp.to_dict() and c.method == method
+        assert c.num_epochs == 4 and trainer.selected_layers(c, ("input", "conv1")) == ()
+    for method in ("replay", "replay_trades"):
+        given = common.variant(noisy, method=method)
+        c = common.without_unread_noise(given, file_anp)
+        assert c.anp.eps_values == file_anp.eps_values and not c.anp.scale_by_activation_norm
+        a, b = trainer.make_schedules(given), trainer.make_schedules(c)
+        for epoch in (0.5, 1.5, 2.5, 3.5):  # the given k schedule (1, 3, 1), no noise
+            assert int(a["k"](epoch)) == int(b["k"](epoch)) == (3 if epoch == 1.5 else 1)
+            assert float(b["eps"](epoch)) == 0.0
+    anp = common.variant(noisy, method="anp_pgd_at")
+    assert common.without_unread_noise(anp, file_anp) is anp  # noise runs: unchanged
+
+
 def test_masking_notes_compare_like_with_like():
     """A reported worst case above PGD alone is flagged only when both ran on the same
     images: AutoAttack on the first 1,000 test images against PGD on all of them is two
