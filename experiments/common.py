@@ -342,6 +342,9 @@ def without_unread_noise(config, file_anp):
         for field in keep:
             if field in config.anp:
                 out.anp[field] = config.anp[field]
+        if keep and out.anp.schedule == "piecewise":  # unread, but sized to the table
+            zeros = (0.0,) * (len(out.anp.boundaries) + 1)
+            out.anp.eps_values, out.anp.alpha_values = zeros, zeros
     return out
 
 

@@ -262,9 +262,10 @@ def test_controls_do_not_depend_on_the_noise_fields_they_do_not_read():
     file_anp = get_config().anp
     p = common.parser("doc", 4)
     _, noisy, _ = p.parse_args(["--out", "x", "--config.anp.schedule=piecewise",
-                                "--config.anp.boundaries=(1.0,2.0)",
-                                "--config.anp.eps_values=(0.0,0.05,0.0)",
-                                "--config.anp.k_values=(1,3,1)",
+                                "--config.anp.boundaries=(1.0,2.0,3.0)",
+                                "--config.anp.eps_values=(0.0,0.05,0.1,0.0)",
+                                "--config.anp.alpha_values=(0.0,0.5,1.0,0.0)",
+                                "--config.anp.k_values=(1,3,3,1)",
                                 "--config.anp.scale_by_activation_norm=true"], "prog")
     noisy.num_epochs = 4
     for method in ("vanilla", "pgd_at"):
@@ -274,10 +275,13 @@ def test_controls_do_not_depend_on_the_noise_fields_they_do_not_read():
     for method in ("replay", "replay_trades"):
         given = common.variant(noisy, method=method)
         c = common.without_unread_noise(given, file_anp)
-        assert c.anp.eps_values == file_anp.eps_values and not c.anp.scale_by_activation_norm
+        trainer.validate_config(c)  # a table of four rows keeps four rows
+        assert not c.anp.scale_by_activation_norm and c.anp.layers == file_anp.layers
+        other = common.variant(given, anp__eps_values=(0.0, 0.5, 1.0, 0.0))
+        assert common.without_unread_noise(other, file_anp).to_dict() == c.to_dict()
         a, b = trainer.make_schedules(given), trainer.make_schedules(c)
-        for epoch in (0.5, 1.5, 2.5, 3.5):  # the given k schedule (1, 3, 1), no noise
-            assert int(a["k"](epoch)) == int(b["k"](epoch)) == (3 if epoch == 1.5 else 1)
+        for epoch in (0.5, 1.5, 2.5, 3.5):  # the given k schedule (1, 3, 3, 1), no noise
+            assert int(a["k"](epoch)) == int(b["k"](epoch)) == (1 if epoch in (0.5, 3.5) else 3)
             assert float(b["eps"](epoch)) == 0.0
     anp = common.variant(noisy, method="anp_pgd_at")
     assert common.without_unread_noise(anp, file_anp) is anp  # noise runs: unchanged
