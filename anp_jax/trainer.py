@@ -69,6 +69,11 @@ ADVERSARIES = {"pgd_at": "pgd", "trades": "trades", "fast_at": "fast", "free_at"
 AT_REPLAYS = tuple(f"replay_{m}" for m in ADVERSARIES if m != "free_at")
 METHODS = ("vanilla", "anp", "replay", *ADVERSARIES, *(f"anp_{m}" for m in ADVERSARIES),
            *AT_REPLAYS)
+
+
+def is_replay(method: str) -> bool:
+    """Whether ``method`` is a control that replays ANP's k updates without noise."""
+    return method == "replay" or method in AT_REPLAYS
 ANP_SCHEDULES = ("constant", "official", "linear", "cosine", "piecewise")
 LR_SCHEDULES = ("constant", "cosine", "step")
 
@@ -230,7 +235,7 @@ def make_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Sch
                  "k": schedules.constant(a.k)}
     if not config.method.startswith("anp"):
         k = schedules.constant(1)
-        if config.method == "replay" or config.method.startswith("replay_"):
+        if is_replay(config.method):
             k = noise["k"]
         noise = {"eps": schedules.constant(0.0), "alpha": schedules.constant(0.0), "k": k}
     if config.method.endswith("free_at"):  # Free-AT replays each mini-batch

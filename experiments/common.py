@@ -332,10 +332,11 @@ def without_unread_noise(config, file_anp):
     same controls as the study without the change, with the same hash, workdir and ledger
     entry, instead of training them again.  Runs with noise are returned unchanged.
     """
-    method = config.method
-    if file_anp is None or method.startswith("anp"):
+    from anp_jax.trainer import is_replay
+
+    if file_anp is None or config.method.startswith("anp"):
         return config
-    keep = _K_FIELDS if method == "replay" or method.startswith("replay_") else ()
+    keep = _K_FIELDS if is_replay(config.method) else ()
     out = config.copy_and_resolve_references()
     with out.unlocked():
         out.anp = file_anp.copy_and_resolve_references()

@@ -180,12 +180,12 @@ def test_at_replay_is_the_combination_without_its_noise(at, kind):
     def build(method):
         c = get_config()
         c.method, c.num_epochs, c.anp.schedule = method, 4, "official"
-        return (c, trainer.make_schedules(c), trainer.make_adversary(c),
+        return (trainer.make_schedules(c), trainer.make_adversary(c),
                 trainer.selected_layers(c, ("input", "conv1", "conv2", "fc1")))
 
-    _, rep, rep_adv, rep_layers = build(f"replay_{at}")
-    _, comb, comb_adv, comb_layers = build(f"anp_{at}")
-    _, alone, alone_adv, _ = build(at)
+    rep, rep_adv, rep_layers = build(f"replay_{at}")
+    comb, comb_adv, comb_layers = build(f"anp_{at}")
+    alone, alone_adv, _ = build(at)
     assert rep_adv == comb_adv == alone_adv and rep_adv.kind == kind
     assert rep_layers == () and len(comb_layers) == 4
     for epoch, k in [(0.0, 1), (1.2, 1), (1.5, 3), (2.5, 3), (3.2, 3), (3.5, 1)]:
@@ -193,4 +193,3 @@ def test_at_replay_is_the_combination_without_its_noise(at, kind):
         assert float(rep["eps"](epoch)) == float(rep["alpha"](epoch)) == 0.0
         assert int(alone["k"](epoch)) == 1
     assert float(comb["eps"](2.5)) == 1.0
-
