@@ -69,13 +69,14 @@ ADVERSARIES = {"pgd_at": "pgd", "trades": "trades", "fast_at": "fast", "free_at"
 AT_REPLAYS = tuple(f"replay_{m}" for m in ADVERSARIES if m != "free_at")
 METHODS = ("vanilla", "anp", "replay", *ADVERSARIES, *(f"anp_{m}" for m in ADVERSARIES),
            *AT_REPLAYS)
+ANP_SCHEDULES = ("constant", "official", "linear", "cosine", "piecewise")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 def is_replay(method: str) -> bool:
     """Whether ``method`` is a control that replays ANP's k updates without noise."""
     return method == "replay" or method in AT_REPLAYS
-ANP_SCHEDULES = ("constant", "official", "linear", "cosine", "piecewise")
-LR_SCHEDULES = ("constant", "cosine", "step")
+
 
 # Config fields that may differ when a run resumes: they do not change the trained model.
 # ``eval`` stands for every ``eval.*`` field.  ``num_epochs`` may grow (never shrink) as
