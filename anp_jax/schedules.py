@@ -98,15 +98,16 @@ OFFICIAL_ALPHA = (0.0, 0.7, 1.0, 0.7, 0.0)
 OFFICIAL_K = (1, 3, 3, 3, 1)
 
 
-def official_cifar10(num_epochs: float = 120) -> dict[str, Schedule]:
+def official_cifar10(num_epochs: float = 120, peak: float = 1.0) -> dict[str, Schedule]:
     """The official eps/alpha/k schedule over epochs, stretched to ``num_epochs``.
 
     For 120 epochs: clean for 0-39, (0.3, 0.7, 3) for 40-59, (1.0, 1.0, 3) for 60-79,
-    (0.3, 0.7, 3) for 80-99, clean for 100-119.
+    (0.3, 0.7, 3) for 80-99, clean for 100-119.  ``peak`` scales the eps column (the
+    table's own peak is 1.0): the same shape with less or more noise.
     """
     bounds = [b * num_epochs / 120 for b in OFFICIAL_BOUNDARIES]
     return {
-        "eps": piecewise_constant(bounds, OFFICIAL_EPS),
+        "eps": piecewise_constant(bounds, [peak * e for e in OFFICIAL_EPS]),
         "alpha": piecewise_constant(bounds, OFFICIAL_ALPHA),
         "k": piecewise_constant(bounds, OFFICIAL_K),
     }

@@ -223,7 +223,7 @@ def make_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Sch
     """
     a = config.anp
     if a.schedule == "official":
-        noise = schedules.official_cifar10(config.num_epochs)
+        noise = schedules.official_cifar10(config.num_epochs, a.epsilon)
     elif a.schedule == "piecewise":
         noise = {"eps": schedules.piecewise_constant(a.boundaries, a.eps_values),
                  "alpha": schedules.piecewise_constant(a.boundaries, a.alpha_values),

@@ -18,6 +18,7 @@ SEEDS=${SEEDS:-0,1,2,3,4}
 CONFIG=experiments/configs/fashion_lenet.py
 EVAL=(--corruptions none --autoattack_budgets linf_0.05,linf_0.1,l2_1.0
       --autoattack_examples 1000 --sections corruptions,stability)
+AT_METHODS=vanilla,replay,pgd_at,fast_at,trades,anp_pgd_at,anp_fast_at,anp_trades,replay_pgd_at,replay_fast_at,replay_trades
 
 run() {  # run STEP SCRIPT ARGS...
   local step=$1 script=$2
@@ -48,7 +49,10 @@ step() {
     # Claim 3: ANP added to adversarial training (L-inf 0.1, the usual Fashion budget), and
     # each combination's control: the same adversarial training with ANP's updates per
     # mini-batch and no noise.
-    at) run at methods --methods vanilla,replay,pgd_at,fast_at,trades,anp_pgd_at,anp_fast_at,anp_trades,replay_pgd_at,replay_fast_at,replay_trades ;;
+    at) run at methods --methods "$AT_METHODS" ;;
+    # ... and the combinations at a smaller noise: the official shape with peak eps 0.3
+    # (0.09 / 0.3 / 0.09) instead of ANP alone's 1.0; the controls are the at step's runs.
+    at_eps) run at_eps0.3 methods --methods "$AT_METHODS" --config.anp.epsilon=0.3 ;;
     # Claim 2: shallow against deep, each point alone.
     points) run points layers ;;
     # eps and k one at a time (constant schedule), and the schedules side by side.
@@ -64,11 +68,11 @@ step() {
     # 8-9 times the absolute recipe's noise on the convolutions.
     scaled_hidden) scaled scaled_0.03 0.03 0.009 none hidden
                    scaled scaled_0.01 0.01 0.003 none hidden ;;
-    *) echo "unknown step $1; steps: methods time layers l2at at points hparams schedules scaled scaled_hidden" >&2
+    *) echo "unknown step $1; steps: methods time layers l2at at at_eps points hparams schedules scaled scaled_hidden" >&2
        return 2 ;;
   esac
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(methods time layers l2at at points hparams schedules scaled scaled_hidden)
+[ ${#steps[@]} -gt 0 ] || steps=(methods time layers l2at at at_eps points hparams schedules scaled scaled_hidden)
 for s in "${steps[@]}"; do step "$s"; done

@@ -5,7 +5,7 @@
 
 While one is swept the others keep the config's values. The sweep uses the config's
 schedule if it is constant, linear or cosine (eps is then the final value), and the constant
-schedule otherwise (the official and piecewise tables set eps, alpha and k themselves).
+schedule otherwise (the official and piecewise tables set alpha and k themselves).
 The control for a run with k progressive steps is replay with the same k (no noise); replay
 with k = 1 is vanilla.
 Writes ``results.md``, ``sweeps.png`` and ``results.json``.
@@ -56,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(v < 1 for v in grids["k"]):
         p.error("--k values must be >= 1")
     if settings.base.anp.schedule in ("official", "piecewise"):
-        # these schedules take eps, alpha and k from their tables: sweep a constant one
-        common.log(f"[hparams] anp.schedule={settings.base.anp.schedule!r} ignores anp.epsilon, "
-                   "anp.alpha and anp.k; sweeping with anp.schedule='constant'")
+        # these schedules take alpha and k from their tables: sweep a constant one
+        common.log(f"[hparams] anp.schedule={settings.base.anp.schedule!r} ignores anp.alpha "
+                   "and anp.k; sweeping with anp.schedule='constant'")
         settings.base.anp.schedule = "constant"
     a = settings.base.anp
     default = (float(a.epsilon), float(a.alpha), int(a.k))

@@ -328,6 +328,31 @@ def test_step_learning_rate_drops_like_torch_steplr(offset):
     assert drops == ([29, 59, 89, 119] if offset else [30, 60, 90])
 
 
+@pytest.mark.parametrize("peak", [1.0, 0.3])
+def test_official_schedule_stretched_with_its_peak(peak):
+    """``anp.schedule="official"`` over 12 epochs: the authors' 120-epoch table (clean, then
+    eps 0.3 / 1.0 / 0.3 with alpha 0.7 / 1.0 / 0.7 and k 3, then clean, changing at epochs
+    40, 60, 80, 100) a tenth as long, its eps column times ``anp.epsilon``; the replay
+    control reads only its k column, and vanilla none."""
+    from anp_jax import trainer
+    from anp_jax.configs import default
+
+    config = default.get_config()
+    config.num_epochs, config.method = 12, "anp"
+    config.anp.update({"schedule": "official", "epsilon": peak, "alpha": 0.2, "k": 5})
+    table = [(0.0, 0.0, 0.0, 1), (3.99, 0.0, 0.0, 1), (4.0, 0.3, 0.7, 3), (5.5, 0.3, 0.7, 3),
+             (6.0, 1.0, 1.0, 3), (7.9, 1.0, 1.0, 3), (8.0, 0.3, 0.7, 3), (10.0, 0.0, 0.0, 1),
+             (11.99, 0.0, 0.0, 1)]
+    for method in ("anp", "replay", "vanilla"):
+        config.method = method
+        got = trainer.make_schedules(config)
+        for epoch, eps, alpha, k in table:
+            noisy = method == "anp"
+            np.testing.assert_allclose(float(got["eps"](epoch)), peak * eps * noisy, rtol=1e-6)
+            np.testing.assert_allclose(float(got["alpha"](epoch)), alpha * noisy, rtol=1e-6)
+            assert int(got["k"](epoch)) == (1 if method == "vanilla" else k), (method, epoch)
+
+
 def test_without_next_noise_the_updates_are_the_same_and_the_last_noise_is_kept(model):
     """``next_noise=False`` (the trainer's step): the same parameters and metrics as the full
     step over k = 3 unrolled updates, and ``state.noise`` is the noise of the third forward

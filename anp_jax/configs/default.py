@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.anp = ml_collections.ConfigDict()  # Adversarial Noise Propagation
     config.anp.layers = "all"  # "all", "0,1", "input,conv1", "shallow N", "deep N"
-    config.anp.epsilon = 1.0  # eps: noise magnitude (per-example norm of the register)
+    config.anp.epsilon = 1.0  # eps: noise magnitude (per-example norm of the register);
+    # with schedule "official", the peak of its eps column
     config.anp.alpha = 0.5  # alpha (the paper's eta): how much of the previous noise is kept
     config.anp.k = 2  # progressive steps: parameter updates per mini-batch
     config.anp.norm = "l2"  # "l2" (official), "linf" or "sign"
@@ -67,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Noise relative to the activations: the injection at a point scaled by ||z|| per
     # example (noise.scale_by_activation_norm); needs anp.init = "none"
     config.anp.scale_by_activation_norm = False
-    # "constant"; "official" (the CIFAR-10 table stretched to num_epochs); "linear" or
+    # "constant"; "official" (the CIFAR-10 table stretched to num_epochs, its eps column
+    # times epsilon: the table's own values at 1.0); "linear" or
     # "cosine" (eps rises from 0 over warmup_epochs); "piecewise" (the lists below).
     config.anp.schedule = "constant"
     config.anp.warmup_epochs = 5.0  # "linear"/"cosine": epochs for eps to reach epsilon
