@@ -5,7 +5,7 @@
 
 While one is swept the others keep the config's values. The sweep uses the config's
 schedule if it is constant, linear or cosine (eps is then the final value), and the constant
-schedule otherwise (the official and piecewise tables set alpha and k themselves).
+schedule otherwise (the piecewise table sets eps, alpha and k, the official one alpha and k).
 The control for a run with k progressive steps is replay with the same k (no noise); replay
 with k = 1 is vanilla.
 Writes ``results.md``, ``sweeps.png`` and ``results.json``.
