@@ -68,11 +68,14 @@ step() {
     # 8-9 times the absolute recipe's noise on the convolutions.
     scaled_hidden) scaled scaled_0.03 0.03 0.009 none hidden
                    scaled scaled_0.01 0.01 0.003 none hidden ;;
-    *) echo "unknown step $1; steps: methods time layers l2at at at_eps points hparams schedules scaled scaled_hidden" >&2
+    # Claim 2 on a deeper network: VGG-8-BN's 8 points (the input and the 7 convolutions
+    # before BatchNorm), each alone, the hidden points, the shallow and deep halves, all.
+    vgg_points) CONFIG=experiments/configs/fashion_vgg.py run vgg_points layers ;;
+    *) echo "unknown step $1; steps: methods time layers l2at at at_eps points hparams schedules scaled scaled_hidden vgg_points" >&2
        return 2 ;;
   esac
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(methods time layers l2at at at_eps points hparams schedules scaled scaled_hidden)
+[ ${#steps[@]} -gt 0 ] || steps=(methods time layers l2at at at_eps points hparams schedules scaled scaled_hidden vgg_points)
 for s in "${steps[@]}"; do step "$s"; done
