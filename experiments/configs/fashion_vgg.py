@@ -21,7 +21,8 @@ severity 3: 0.820 / 0.855 / 0.793 / 0.170, 2,808 updates in 125 s (20-21 s per e
 minutes with this evaluation; ANP 0.883 clean, PGD-10 0.600, 0.874 / 0.862 / 0.800 / 0.410,
 5,616 updates in 305 s (74-84 s per epoch at k=3), 7.0 minutes.  One seed and PGD-10 only
 (an upper bound on robust accuracy): a first run, not a finding; ANP costs 3.3 points of
-clean accuracy here, more than on LeNet (1.1).
+clean accuracy here, more than on LeNet (1.1).  With the full evaluation (AutoAttack standard,
+the 19 corruptions, stability; seed 0) see "Claim 2 on VGG-8-BN" in experiments/RESULTS.md.
 
     anp-jax train --workdir=runs/fashion_vgg --config=experiments/configs/fashion_vgg.py
 """
