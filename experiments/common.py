@@ -420,6 +420,7 @@ class Runner:
                 self.shared.setdefault(entry, (study, record))
         plan = None if settings.plan is None else _jsonable(dataclasses.asdict(settings.plan))
         self.plan_digest = _digest(plan)
+        self.chance = chance_accuracy(settings.base)
 
     def run(self, name: str, config, seed: int, *, schedule_overrides: Mapping | None = None,
             **meta) -> dict:
@@ -518,20 +519,55 @@ class Runner:
         io_lib.write_json_atomic(path, {"plan": key, "report": out}, indent=1)
         return out
 
+    def at_chance(self, record: dict) -> bool:
+        """Whether a run ended at chance: clean accuracy at most 1.5 times chance (the model
+        predicts nearly one class, so its robust figures measure nothing)."""
+        return self.chance is not None and record["clean"] <= 1.5 * self.chance
+
+    def trained(self, name: str) -> dict[int, dict]:
+        """The seeds of ``name`` that trained (:meth:`at_chance` runs left out): the runs
+        every mean and paired difference of the tables is taken over."""
+        return {s: r for s, r in self.records.get(name, {}).items() if not self.at_chance(r)}
+
     def values(self, name: str, key: str, seeds: Sequence[int] | None = None) -> list[float]:
-        runs = self.records.get(name, {})
+        runs = self.trained(name)
         seeds = runs.keys() if seeds is None else seeds
         return [runs[s][key] for s in seeds if s in runs and runs[s][key] is not None]
 
     def deltas(self, name: str, reference: str, key: str) -> list[float]:
         """Per-seed differences ``name - reference`` over the seeds both have (paired)."""
-        a, b = self.records.get(name, {}), self.records.get(reference, {})
+        a, b = self.trained(name), self.trained(reference)
         return [a[s][key] - b[s][key] for s in a if s in b
                 and a[s][key] is not None and b[s][key] is not None]
 
     def dump(self) -> dict:
-        return {"runs": [{"name": n, "seed": s, **self.meta.get(n, {}), **r}
+        return {"runs": [{"name": n, "seed": s, **self.meta.get(n, {}), **r,
+                          **({"ended_at_chance": True} if self.at_chance(r) else {})}
                          for n, per_seed in self.records.items() for s, r in per_seed.items()]}
+
+
+def chance_accuracy(config) -> float | None:
+    """1 / the number of classes of the config's data set (None when it is not known)."""
+    from anp_jax.data import registry
+
+    spec = registry.DATASETS.get(str(getattr(config, "dataset", "")))
+    return None if spec is None else 1.0 / spec.num_classes
+
+
+def at_chance_section(runner: Runner) -> str:
+    """The runs left out of the means and differences because they ended at chance, named
+    with their clean accuracy and final training loss (empty when there are none)."""
+    failed = [(n, s, r) for n, per_seed in runner.records.items()
+              for s, r in sorted(per_seed.items()) if runner.at_chance(r)]
+    if not failed:
+        return ""
+    lines = [f"- `{n}` seed {s}: clean {r['clean']:.3f}, final training loss "
+             f"{fmt_num(r.get('final_train_loss'))}" for n, s, r in failed]
+    loss = f" (ln {round(1 / runner.chance)} = {math.log(1 / runner.chance):.3f})"
+    return ("Runs that ended at chance (clean accuracy at most 1.5 times chance: the model "
+            "predicts nearly one class), left out of every mean, difference and plot; the "
+            f"table's cell says how many seeds remain. Their final training loss{loss}:\n"
+            + "\n".join(lines))
 
 
 def summarize(metrics: dict, settings: Settings, evaluation: dict | None = None) -> dict:
@@ -697,7 +733,8 @@ def write_results(settings: Settings, title: str, sections: Sequence[str], raw: 
     """Writes ``results.md`` (title, settings, sections, plots) and ``results.json``."""
     md = [f"# {title}", "", *settings_lines(settings), ""]
     for section in sections:
-        md += [section, ""]
+        if section:  # a section with nothing to say is left out
+            md += [section, ""]
     for plot in plots:
         md += [f"![{plot}]({plot})", ""]
     with open(os.path.join(settings.out, "results.md"), "w") as f:
@@ -792,7 +829,7 @@ def robust_cell(runner: Runner, name: str, budget: str | None = None,
     robust column's), the per-example worst case over the attacks run, with the attack that
     gives it, e.g. ``0.412 (AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000))``."""
     budget = budget or (robust_budgets(runner) or [None])[0]
-    runs = runner.records.get(name, {}).values()
+    runs = runner.trained(name).values()
     values = [r["robust_budgets"][budget] for r in runs
               if r.get("robust_budgets", {}).get(budget) is not None]
     attacks = sorted({r["robust_attacks"][budget] for r in runs
@@ -808,7 +845,11 @@ def accuracy_columns(runner: Runner, name: str) -> list[str]:
     plan = runner.settings.plan
     mfp = [fmt(runner.values(name, "mfp"), 4)] if plan is not None and \
         "stability" in plan.sections else []
-    return [fmt(runner.values(name, "clean")), *robust,
+    clean = fmt(runner.values(name, "clean"))
+    kept, ran = len(runner.trained(name)), len(runner.records.get(name, {}))
+    if kept < ran:
+        clean += f" ({kept} of {ran} seeds; {ran - kept} at chance)"
+    return [clean, *robust,
             *(fmt(runner.values(name, key)) for key in ("fgsm", "pgd", "corruption")), *mfp]
 
 
@@ -830,7 +871,7 @@ def masking_notes(runner: Runner, names: Sequence[str], settings: Settings) -> l
         pgd_budget = attack_eval.budget_key(norm, eps)
     notes = []
     for name in names:
-        for seed, rec in runner.records.get(name, {}).items():
+        for seed, rec in runner.trained(name).items():
             notes += [f"{name} seed {seed}: {c['detail']}" for c in
                       sanity.attack_checks(rec["adversarial"], tolerance=1e-9)
                       if not c["passed"]]

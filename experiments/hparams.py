@@ -176,7 +176,8 @@ def report(runner: common.Runner, settings: common.Settings, grids, default,
     sections += ["### controls",
                  common.table(["control", *common.accuracy_header(runner)], ctrl_rows),
                  common.masking_section(common.masking_notes(runner, list(runner.records),
-                                                             settings))]
+                                                             settings)),
+                 common.at_chance_section(runner)]
     common.write_results(settings, "Hyper-parameters", sections, runner.dump(),
                          ["sweeps.png"])
 

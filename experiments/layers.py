@@ -133,6 +133,7 @@ def report(runner: common.Runner, settings: common.Settings, points: Sequence[st
         "## Shallow versus deep",
         "\n".join(lines) or "- (needs the shallow and deep runs)",
         common.masking_section(common.masking_notes(runner, names, settings)),
+        common.at_chance_section(runner),
     ]
     labels = [n_ for n_ in names[2:] if n_ in runner.records]
     plots = []

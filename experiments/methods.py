@@ -88,6 +88,7 @@ def report(runner: common.Runner, settings: common.Settings, methods: Sequence[s
         "## Findings",
         "\n".join(findings(runner, methods)),
         common.masking_section(common.masking_notes(runner, methods, settings)),
+        common.at_chance_section(runner),
     ]
     labels = [m for m in methods if m in runner.records]
     series = {col: [runner.values(m, key) for m in labels]

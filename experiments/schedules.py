@@ -151,7 +151,8 @@ def report(runner: common.Runner, settings: common.Settings, runs, user) -> None
                 "The user-written schedule (`experiments/schedules.py`):",
                 "```python\n" + _source(user_eps_schedule) + "```",
                 common.masking_section(common.masking_notes(runner, list(runner.records),
-                                                            settings))]
+                                                            settings)),
+                common.at_chance_section(runner)]
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, _, overrides, eps_fn, role in runs:

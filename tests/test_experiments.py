@@ -297,7 +297,8 @@ def test_masking_notes_compare_like_with_like():
 
     rec = {"adversarial": {"fgsm_linf_0.1": 0.50, "pgd2_linf_0.1": 0.40}, "pgd": 0.40,
            "robust_budgets": {"linf_0.1": 0.45}, "robust_attacks": {"linf_0.1": "AA"}}
-    runner = types.SimpleNamespace(records={"anp": {0: rec}})
+    runner = types.SimpleNamespace(records={"anp": {0: rec}},
+                                   trained=lambda name: {"anp": {0: rec}}.get(name, {}))
 
     def notes(autoattack_examples):
         plan = types.SimpleNamespace(autoattack_examples=autoattack_examples)
@@ -309,6 +310,45 @@ def test_masking_notes_compare_like_with_like():
     assert notes(1000) == []  # a subset against all images: not compared
     rec["adversarial"]["pgd2_linf_0.1"] = 0.55  # PGD above FGSM: flagged on any subset
     assert len(notes(1000)) == 1
+
+
+def test_runs_at_chance_are_left_out_and_named(tmp_path):
+    """A run that ended at chance (a collapsed model predicting one class) is left out of
+    the means, the paired differences and the masking checks, the table cell says how many
+    seeds remain, and a section names the run with its training loss."""
+    import types
+
+    from experiments import common
+
+    def rec(clean, robust, loss):
+        return {"clean": clean, "robust": robust, "fgsm": robust, "pgd": robust,
+                "corruption": clean, "final_train_loss": loss, "adversarial": {},
+                "robust_budgets": {"linf_0.1": robust}, "robust_attacks": {"linf_0.1": "AA"}}
+
+    settings = types.SimpleNamespace(out=str(tmp_path / "study"), plan=None,
+                                     base=types.SimpleNamespace(dataset="fashion_mnist"),
+                                     pgd_id="pgd2_linf_0.1", fgsm_id=None)
+    runner = common.Runner(settings)
+    assert runner.chance == pytest.approx(0.1)
+    runner.records = {"anp": {0: rec(0.83, 0.63, 0.60), 1: rec(0.10, 0.11, 2.3029),
+                              2: rec(0.85, 0.65, 0.55)},
+                      "replay": {0: rec(0.90, 0.20, 0.20), 1: rec(0.90, 0.16, 0.21),
+                                 2: rec(0.89, 0.18, 0.22)}}
+    assert runner.values("anp", "clean") == [0.83, 0.85]
+    assert runner.deltas("anp", "replay", "robust") == pytest.approx([0.43, 0.47])
+    assert runner.values("replay", "clean") == [0.90, 0.90, 0.89]
+    cells = common.accuracy_columns(runner, "anp")
+    assert cells[0] == "0.840 ± 0.014 (2 of 3 seeds; 1 at chance)"
+    assert common.robust_cell(runner, "anp", "linf_0.1") == "0.640 ± 0.014 (AA)"
+    assert common.masking_notes(runner, ["anp"], settings) == []
+    section = common.at_chance_section(runner)
+    assert "- `anp` seed 1: clean 0.100, final training loss 2.303" in section
+    assert "(ln 10 = 2.303)" in section and "seed 0" not in section
+    (dumped,) = [r for r in runner.dump()["runs"] if r.get("ended_at_chance")]
+    assert (dumped["name"], dumped["seed"]) == ("anp", 1)
+    runner.records["anp"].pop(1)
+    assert common.at_chance_section(runner) == ""
+    assert common.accuracy_columns(runner, "anp")[0] == "0.840 ± 0.014"
 
 
 def test_notebook(data_dir, tmp_path, monkeypatch):
