@@ -862,6 +862,7 @@ class _Run:
             "robust_accuracy": results["robust_accuracy"],
             "test_loss": results["loss"],
             "num_test_examples": results["num_examples"],
+            "num_classes": self.spec.num_classes,
             "final_train_loss": final_loss,
             "train_seconds": self.loop["train_seconds"],
             "curve_eval_seconds": self.loop.get("curve_eval_seconds", 0.0),
@@ -970,6 +971,13 @@ def format_report(metrics: dict) -> str:
     lines.append(f"final train loss {metrics['final_train_loss']:.4f}; "
                  f"{metrics['steps']} updates in {metrics['train_seconds']:.1f} s "
                  f"on {metrics['num_devices']} device(s)")
+    classes = metrics.get("num_classes")
+    if classes and metrics["clean_accuracy"] <= 1.5 / classes:
+        lines.append(f"warning: the model ended at chance ({classes} classes; ln {classes} = "
+                     f"{math.log(classes):.4f}): training collapsed, and its robust figures "
+                     "measure nothing. The learning curve's noise_norm falls to 0 when every "
+                     "gradient has vanished; try a schedule that starts without noise (the "
+                     "official shape, or a warm-up)")
     return "\n".join(lines)
 
 

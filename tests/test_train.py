@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from anp_jax import noise, train
+from anp_jax import noise, train, trainer
 from anp_jax.models import DigitsCNN
 
 B = 6
@@ -381,3 +381,16 @@ def test_without_next_noise_the_updates_are_the_same_and_the_last_noise_is_kept(
     for p in layers:
         np.testing.assert_allclose(got_state.noise.injection[p], eps / k * registers[p],
                                    rtol=2e-4, atol=2e-5)
+
+
+def test_report_warns_when_the_model_ended_at_chance():
+    """A collapsed run (the model predicts one class) says so under its metrics; a trained
+    one, or metrics of an older run without ``num_classes``, does not."""
+    base = {"adversarial": {}, "corruption": {}, "robust_accuracy": {}, "steps": 10,
+            "train_seconds": 1.0, "num_devices": 1, "final_train_loss": 2.3026}
+    collapsed = trainer.format_report({**base, "clean_accuracy": 0.1, "num_classes": 10})
+    assert collapsed.splitlines()[-1].startswith(
+        "warning: the model ended at chance (10 classes; ln 10 = 2.3026)")
+    assert "warning" not in trainer.format_report(
+        {**base, "clean_accuracy": 0.83, "num_classes": 10})
+    assert "warning" not in trainer.format_report({**base, "clean_accuracy": 0.1})
