@@ -60,6 +60,7 @@ from anp_jax import schedules
 from anp_jax import train as train_lib
 from anp_jax.adversarial import Adversary
 from anp_jax.data import augment as augment_lib
+from anp_jax.evaluation import sanity
 from anp_jax.models import MODELS, create_model, select_layers
 
 # Adversarial-training methods and the adversary they use; "anp_" + any of them adds ANP.
@@ -972,7 +973,7 @@ def format_report(metrics: dict) -> str:
                  f"{metrics['steps']} updates in {metrics['train_seconds']:.1f} s "
                  f"on {metrics['num_devices']} device(s)")
     classes = metrics.get("num_classes")
-    if classes and metrics["clean_accuracy"] <= 1.5 / classes:
+    if sanity.ended_at_chance(metrics["clean_accuracy"], classes):
         lines.append(f"warning: the model ended at chance ({classes} classes; ln {classes} = "
                      f"{math.log(classes):.4f}): training collapsed, and its robust figures "
                      "measure nothing. The learning curve's noise_norm falls to 0 when every "

@@ -420,7 +420,7 @@ class Runner:
                 self.shared.setdefault(entry, (study, record))
         plan = None if settings.plan is None else _jsonable(dataclasses.asdict(settings.plan))
         self.plan_digest = _digest(plan)
-        self.chance = chance_accuracy(settings.base)
+        self.num_classes = num_classes(settings.base)
 
     def run(self, name: str, config, seed: int, *, schedule_overrides: Mapping | None = None,
             **meta) -> dict:
@@ -520,9 +520,10 @@ class Runner:
         return out
 
     def at_chance(self, record: dict) -> bool:
-        """Whether a run ended at chance: clean accuracy at most 1.5 times chance (the model
-        predicts nearly one class, so its robust figures measure nothing)."""
-        return self.chance is not None and record["clean"] <= 1.5 * self.chance
+        """Whether a run ended at chance (:func:`anp_jax.evaluation.sanity.ended_at_chance`)."""
+        from anp_jax.evaluation import sanity
+
+        return sanity.ended_at_chance(record["clean"], self.num_classes)
 
     def trained(self, name: str) -> dict[int, dict]:
         """The seeds of ``name`` that trained (:meth:`at_chance` runs left out): the runs
@@ -546,12 +547,12 @@ class Runner:
                          for n, per_seed in self.records.items() for s, r in per_seed.items()]}
 
 
-def chance_accuracy(config) -> float | None:
-    """1 / the number of classes of the config's data set (None when it is not known)."""
+def num_classes(config) -> int | None:
+    """The number of classes of the config's data set (None when it is not known)."""
     from anp_jax.data import registry
 
     spec = registry.DATASETS.get(str(getattr(config, "dataset", "")))
-    return None if spec is None else 1.0 / spec.num_classes
+    return None if spec is None else spec.num_classes
 
 
 def at_chance_section(runner: Runner) -> str:
@@ -563,7 +564,7 @@ def at_chance_section(runner: Runner) -> str:
         return ""
     lines = [f"- `{n}` seed {s}: clean {r['clean']:.3f}, final training loss "
              f"{fmt_num(r.get('final_train_loss'))}" for n, s, r in failed]
-    loss = f" (ln {round(1 / runner.chance)} = {math.log(1 / runner.chance):.3f})"
+    loss = f" (ln {runner.num_classes} = {math.log(runner.num_classes):.3f})"
     return ("Runs that ended at chance (clean accuracy at most 1.5 times chance: the model "
             "predicts nearly one class), left out of every mean, difference and plot; the "
             f"table's cell says how many seeds remain. Their final training loss{loss}:\n"

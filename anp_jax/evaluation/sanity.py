@@ -24,6 +24,13 @@ def _where(norm: str, eps: float) -> str:
     return f"{eps:g}" if norm == "linf" else f"{norm}_{eps:g}"
 
 
+def ended_at_chance(clean_accuracy: float, num_classes: int | None) -> bool:
+    """Whether a trained model ended at chance: clean accuracy at most 1.5 / ``num_classes``
+    (it predicts nearly one class, so its robust accuracy measures nothing). False when the
+    number of classes is not known."""
+    return bool(num_classes) and clean_accuracy <= 1.5 / num_classes
+
+
 def attack_checks(accuracy: Mapping[str, float], clean: float | None = None,
                   tolerance: float = 0.02) -> list[Check]:
     """The checks on ``{attack id: accuracy}``:
